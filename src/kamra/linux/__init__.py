@@ -1,0 +1,1 @@
+"""Thin, typed layer over the Linux system calls kamra needs (no policy here)."""
