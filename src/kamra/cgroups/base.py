@@ -1,0 +1,113 @@
+"""The interface every cgroup driver implements, and host mode detection."""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+
+PAYLOAD = "payload"
+
+
+def read_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, list[str]]]:
+    """(mount point, fs type, super options) of every cgroup mount."""
+    mounts = []
+    with open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            fstype, _source, superopts = (right.split() + ["", "", ""])[:3]
+            if fstype in ("cgroup", "cgroup2"):
+                mounts.append((fields[4], fstype, superopts.split(",")))
+    return mounts
+
+
+def detect_mode(mountinfo: str = "/proc/self/mountinfo") -> str:
+    """"v2" (unified only), "v1" (legacy only) or "hybrid" (v1 controllers + cgroup2)."""
+    kinds = {fstype for _, fstype, _ in read_mounts(mountinfo)}
+    if kinds == {"cgroup2"}:
+        return "v2"
+    if "cgroup" in kinds and "cgroup2" in kinds:
+        return "hybrid"
+    if "cgroup" in kinds:
+        return "v1"
+    raise RuntimeError("no cgroup filesystem is mounted: mount cgroup2 on /sys/fs/cgroup")
+
+
+def own_cgroups(proc_cgroup: str = "/proc/self/cgroup") -> dict[str, str]:
+    """Controller (or "" for cgroup2, "name=x" for named) -> our own cgroup path."""
+    own: dict[str, str] = {}
+    with open(proc_cgroup) as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                own[controller] = path
+    return own
+
+
+def wait_empty(procs_files: list[str], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not any(read_pids(p) for p in procs_files):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+
+
+def read_pids(procs_file: str) -> list[int]:
+    try:
+        with open(procs_file) as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def rmdir_tree(path: str) -> None:
+    """Remove a cgroup and its children, deepest first (cgroupfs allows only rmdir)."""
+    if not os.path.isdir(path):
+        return
+    for dirpath, dirnames, _ in os.walk(path, topdown=False):
+        for d in dirnames:
+            try:
+                os.rmdir(os.path.join(dirpath, d))
+            except FileNotFoundError:
+                pass
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+
+
+class CgroupDriver(ABC):
+    """Placement, listing and killing of a container's processes by cgroup."""
+
+    name = "abstract"
+
+    @classmethod
+    @abstractmethod
+    def from_host(cls, root_id: str, mountinfo: str, proc_cgroup: str) -> CgroupDriver: ...
+
+    @abstractmethod
+    def create(self, container: str) -> None:
+        """Create the container's cgroup and its payload leaf (idempotent)."""
+
+    @abstractmethod
+    def procs_files(self, container: str) -> list[str]:
+        """cgroup.procs files a process writes its pid to, to join the container."""
+
+    @abstractmethod
+    def pids(self, container: str) -> list[int]:
+        """Every process in the container's cgroup, recursively."""
+
+    @abstractmethod
+    def kill(self, container: str) -> None:
+        """SIGKILL every process in the container, with no chance to escape by forking."""
+
+    @abstractmethod
+    def remove(self, container: str) -> None:
+        """Remove the container's cgroups (they must be empty)."""
+
+    @abstractmethod
+    def cleanup(self) -> None:
+        """Remove kamra's per-root cgroup if no container uses it any more."""

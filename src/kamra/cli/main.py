@@ -1,0 +1,466 @@
+"""kamra: the command line. Parses arguments, speaks HTTP to kamrad, prints results.
+
+It runs on every command, so it imports only the standard library pieces it needs
+and kamra's client; anything heavier (the progress bar) is imported where used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from kamra.client import Client
+from kamra.errors import KamraError
+
+# Exit codes of kamra's own failures inside exec/run/enter (the command's own code
+# is passed through otherwise), as docker does.
+SESSION_ERROR = 125
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """Split at the first '--': what follows is the command, kept verbatim."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kamra", description="System containers for Linux (OS-level virtualization).",
+        epilog="Data lives under --root (default $KAMRA_ROOT or /var/lib/kamra). "
+               "kamrad is started on demand.")
+    p.add_argument("--root", default=os.environ.get("KAMRA_ROOT") or "/var/lib/kamra",
+                   help="data root (default: $KAMRA_ROOT or /var/lib/kamra)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def cmd(name: str, help: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, **kw)
+
+    def fmt(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--format", choices=("table", "json"), default="table",
+                            help="output format (default: table)")
+
+    t = cmd("template", "build, list, show, remove, export and import templates")
+    tsub = t.add_subparsers(dest="template_command", metavar="ACTION")
+    tsub.required = True
+    tb = tsub.add_parser("build", help="build a template: busybox (local, no network) or "
+                                       "debian (debootstrap)")
+    tb.add_argument("kind", help="busybox or debian")
+    tb.add_argument("--name", help="template name (default: the kind)")
+    tb.add_argument("--suite", default="bookworm", help="Debian suite (default: bookworm)")
+    tl = tsub.add_parser("list", help="list templates")
+    fmt(tl)
+    ts = tsub.add_parser("show", help="show a template and its digest")
+    ts.add_argument("name")
+    fmt(ts)
+    tr = tsub.add_parser("remove", help="remove a template no container uses")
+    tr.add_argument("name")
+    te = tsub.add_parser("export", help="export a template to FILE.tar.zst")
+    te.add_argument("name")
+    te.add_argument("file")
+    ti = tsub.add_parser("import", help="import a template from FILE.tar.zst (verified)")
+    ti.add_argument("file")
+    ti.add_argument("--name", required=True, help="name of the imported template")
+
+    c = cmd("create", "create a container from a template (copy-on-write, O(1))")
+    c.add_argument("name")
+    c.add_argument("--template", "-t", required=True, help="template name")
+    c.add_argument("--hostname", help="hostname (default: the container's name)")
+
+    s = cmd("start", "start a container")
+    s.add_argument("name")
+    st = cmd("stop", "stop a container: its stop signal, then kill after --timeout")
+    st.add_argument("name")
+    st.add_argument("--timeout", type=float, default=10, help="seconds to wait (default 10)")
+    st.add_argument("--force", action="store_true", help="kill at once")
+    r = cmd("restart", "stop and start a container")
+    r.add_argument("name")
+    r.add_argument("--timeout", type=float, default=10, help="seconds to wait (default 10)")
+    d = cmd("destroy", "destroy a stopped container and its files")
+    d.add_argument("name")
+    d.add_argument("--force", "-f", action="store_true", help="stop it first if running")
+
+    ls = cmd("list", "list containers")
+    fmt(ls)
+    sts = cmd("status", "show a container's state")
+    sts.add_argument("name")
+    fmt(sts)
+    ps = cmd("ps", "a container's processes: host pid, container pid, user, command")
+    ps.add_argument("name")
+    fmt(ps)
+
+    e = cmd("exec", "run a command in a running container: kamra exec NAME -- CMD ...")
+    e.add_argument("name")
+    e.add_argument("-t", "--tty", action="store_true", help="allocate a pty")
+    e.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
+                   help="set an environment variable (repeatable)")
+    e.add_argument("-u", "--user", help="user (name, uid or user:group) inside the container")
+    e.add_argument("-w", "--workdir", help="working directory inside the container")
+    e.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
+    en = cmd("enter", "an interactive login shell in a running container")
+    en.add_argument("name")
+    en.add_argument("-u", "--user", help="user inside the container (default root)")
+    co = cmd("console", "attach to a container's console (Ctrl-a q detaches)")
+    co.add_argument("name")
+    ru = cmd("run", "one-shot: create, start CMD as init, wait, return its exit code")
+    ru.add_argument("--rm", action="store_true", help="destroy the container afterwards")
+    ru.add_argument("--name", help="container name (default: generated)")
+    ru.add_argument("template")
+    ru.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
+
+    dm = cmd("daemon", "start, stop or show kamrad (normally started on demand)")
+    dm.add_argument("action", choices=("start", "stop", "status"))
+    fmt(dm)
+    return p
+
+
+# -- output helpers ---------------------------------------------------------------------
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _json(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _progress_printer():
+    """Render build/export/import progress with tqdm (imported only when needed)."""
+    state: dict = {"bar": None, "phase": None}
+
+    def on_progress(event: dict) -> None:
+        from tqdm import tqdm
+
+        phase = event.get("phase") or ""
+        if phase != state["phase"]:
+            if state["bar"] is not None:
+                state["bar"].close()
+            state["phase"] = phase
+            state["bar"] = tqdm(total=event.get("total"), desc=phase, unit="",
+                                file=sys.stderr, leave=True, dynamic_ncols=True)
+        bar = state["bar"]
+        if event.get("total") and bar.total != event["total"]:
+            bar.total = event["total"]
+        current = event.get("current")
+        if current is not None:
+            bar.n = current
+        if event.get("message"):
+            bar.set_postfix_str(str(event["message"])[:40], refresh=False)
+        bar.refresh()
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].close()
+
+    return on_progress, close
+
+
+# -- commands ---------------------------------------------------------------------------
+
+def cmd_template(client: Client, a: argparse.Namespace) -> int:
+    action = a.template_command
+    if action == "list":
+        data = client.request("GET", "/v1/templates")
+        if a.format == "json":
+            _json(data)
+        else:
+            _table([[t["name"], t["os"], t["digest"][:19], _size(t.get("size")),
+                     t["created"][:19]] for t in data],
+                   ["NAME", "OS", "DIGEST", "SIZE", "CREATED"])
+        return 0
+    if action == "show":
+        data = client.request("GET", f"/v1/templates/{a.name}")
+        if a.format == "json":
+            _json(data)
+        else:
+            for key in ("name", "digest", "os", "source", "created", "init", "stop_signal",
+                        "size", "rootfs", "used_by"):
+                value = data.get(key)
+                if isinstance(value, list):
+                    value = " ".join(value) if value else "-"
+                print(f"{key + ':':14}{value}")
+        return 0
+    if action == "remove":
+        client.request("DELETE", f"/v1/templates/{a.name}")
+        return 0
+    on_progress, close = _progress_printer()
+    try:
+        if action == "build":
+            result = client.stream("/v1/templates", {"kind": a.kind, "name": a.name,
+                                                     "suite": a.suite}, on_progress)
+        elif action == "export":
+            result = client.stream(f"/v1/templates/{a.name}/export",
+                                   {"path": os.path.abspath(a.file)}, on_progress)
+        else:
+            result = client.stream("/v1/templates/import",
+                                   {"path": os.path.abspath(a.file), "name": a.name},
+                                   on_progress)
+    finally:
+        close()
+    if action == "export":
+        print(f"exported {a.name} to {result['path']}")
+    else:
+        print(f"template {result['name']} {result['digest']}")
+    return 0
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024:
+            return f"{n:.0f}{unit}"
+        n /= 1024
+    return f"{n:.1f}T"
+
+
+def cmd_create(client: Client, a: argparse.Namespace) -> int:
+    client.request("POST", "/v1/containers", {"name": a.name, "template": a.template,
+                                              "hostname": a.hostname})
+    return 0
+
+
+def cmd_start(client: Client, a: argparse.Namespace) -> int:
+    client.request("POST", f"/v1/containers/{a.name}/start")
+    return 0
+
+
+def cmd_stop(client: Client, a: argparse.Namespace) -> int:
+    client.request("POST", f"/v1/containers/{a.name}/stop",
+                   {"timeout": a.timeout, "force": a.force})
+    return 0
+
+
+def cmd_restart(client: Client, a: argparse.Namespace) -> int:
+    client.request("POST", f"/v1/containers/{a.name}/restart", {"timeout": a.timeout})
+    return 0
+
+
+def cmd_destroy(client: Client, a: argparse.Namespace) -> int:
+    client.request("DELETE", f"/v1/containers/{a.name}" + ("?force=1" if a.force else ""))
+    return 0
+
+
+def cmd_list(client: Client, a: argparse.Namespace) -> int:
+    data = client.request("GET", "/v1/containers")
+    if a.format == "json":
+        _json(data)
+        return 0
+    _table([[c["name"], c["state"], c["template"], str(c["init_pid"] or "-"),
+             _when(c["created_at"]), _when(c["started_at"])] for c in data],
+           ["NAME", "STATE", "TEMPLATE", "PID", "CREATED", "STARTED"])
+    return 0
+
+
+def cmd_status(client: Client, a: argparse.Namespace) -> int:
+    data = client.request("GET", f"/v1/containers/{a.name}")
+    if a.format == "json":
+        _json(data)
+        return 0
+    last = data.get("last_exit") or {}
+    rows = [("name", data["name"]), ("state", data["state"]), ("template", data["template"]),
+            ("hostname", data["hostname"]), ("init pid", data["init_pid"] or "-"),
+            ("created", _when(data["created_at"])), ("started", _when(data["started_at"])),
+            ("console", "yes" if data["console"] else "no (stdio of the client)")]
+    if last:
+        rows.append(("last exit", f"{last.get('reason')} (code {last.get('code')})"))
+    for key, value in rows:
+        print(f"{key + ':':11}{value}")
+    return 0
+
+
+def cmd_ps(client: Client, a: argparse.Namespace) -> int:
+    data = client.request("GET", f"/v1/containers/{a.name}/ps")
+    if a.format == "json":
+        _json(data)
+        return 0
+    _table([[str(p["pid"]), str(p["container_pid"]), p["user"], " ".join(p["command"])]
+            for p in data], ["PID", "CPID", "USER", "COMMAND"])
+    return 0
+
+
+def _session(client: Client, path: str, body: dict, tty: bool) -> int:
+    """Upgrade to a session, pass our stdio (unless a pty), then follow the session."""
+    from kamra.linux import fdpass
+
+    conn = client.upgrade(path, body)
+    with conn:
+        fdpass.send(conn, {"stdio": not tty}, [] if tty else [0, 1, 2])
+        reply, fds = fdpass.recv(conn)
+    if reply is None:
+        raise KamraError("kamrad closed the session")
+    if "error" in reply:
+        from kamra.errors import from_json
+
+        raise from_json(reply["error"])
+    if "exit_code" in reply:  # kamra run: the result comes straight back
+        return int(reply["exit_code"])
+    import socket
+
+    session = socket.socket(fileno=fds[0])
+    with session:
+        if tty:
+            message, pty_fds = fdpass.recv(session)
+            if message is None or "error" in (message or {}):
+                raise KamraError((message or {}).get("error", "exec session closed"))
+            from kamra.cli import terminal
+
+            master = pty_fds[0]
+            try:
+                return terminal.exec_pty(session, master)
+            finally:
+                os.close(master)
+        code = SESSION_ERROR
+        while True:
+            message, extra = fdpass.recv(session)
+            for fd in extra:
+                os.close(fd)
+            if message is None:
+                return code
+            if "error" in message:
+                print(f"kamra: {message['error']}", file=sys.stderr)
+                code = int(message.get("exit", SESSION_ERROR))
+            if "exit" in message:
+                return int(message["exit"])
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            from kamra.errors import InvalidInput
+
+            raise InvalidInput(f"invalid -e {pair!r}: write KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def cmd_exec(client: Client, a: argparse.Namespace) -> int:
+    argv = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    if not argv:
+        from kamra.errors import InvalidInput
+
+        raise InvalidInput("no command given: kamra exec NAME -- CMD [ARGS...]")
+    body = {"argv": argv, "env": _env(a.env), "user": a.user, "cwd": a.workdir,
+            "tty": a.tty}
+    if a.tty:
+        from kamra.cli.terminal import terminal_size
+
+        body["winsize"] = list(terminal_size())
+        body["term"] = os.environ.get("TERM", "xterm")
+    return _session(client, f"/v1/containers/{a.name}/exec", body, a.tty)
+
+
+def cmd_enter(client: Client, a: argparse.Namespace) -> int:
+    from kamra.cli.terminal import terminal_size
+
+    body = {"argv": ["/bin/sh", "-c", 'exec "${SHELL:-/bin/sh}" -l'], "user": a.user,
+            "tty": True, "login": True, "winsize": list(terminal_size()),
+            "term": os.environ.get("TERM", "xterm")}
+    return _session(client, f"/v1/containers/{a.name}/exec", body, True)
+
+
+def cmd_console(client: Client, a: argparse.Namespace) -> int:
+    import socket
+
+    from kamra.cli import terminal
+    from kamra.errors import from_json
+    from kamra.linux import fdpass
+
+    conn = client.upgrade(f"/v1/containers/{a.name}/console", {})
+    with conn:
+        reply, fds = fdpass.recv(conn)
+    if reply is None or "error" in reply:
+        raise from_json((reply or {}).get("error", {"message": "kamrad closed the session"}))
+    with socket.socket(fileno=fds[0]) as session:
+        return terminal.console(session, a.name)
+
+
+def cmd_run(client: Client, a: argparse.Namespace) -> int:
+    argv = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    if not argv:
+        from kamra.errors import InvalidInput
+
+        raise InvalidInput("no command given: kamra run [--rm] TEMPLATE -- CMD [ARGS...]")
+    return _session(client, "/v1/run", {"template": a.template, "argv": argv, "rm": a.rm,
+                                        "name": a.name}, False)
+
+
+def cmd_daemon(client: Client, a: argparse.Namespace) -> int:
+    info = client.ping()
+    if a.action == "status":
+        if a.format == "json":
+            _json({"running": bool(info), **(info or {})})
+        elif info:
+            print(f"kamrad {info['version']} running (pid {info['pid']}) for {info['root']}")
+        else:
+            print(f"kamrad is not running for {client.root}")
+        return 0 if info else 3
+    if a.action == "start":
+        if not info:
+            client.start_daemon()
+            info = client.ping() or {}
+        print(f"kamrad running (pid {info.get('pid')}) for {client.root}")
+        return 0
+    if info:
+        client.request("POST", "/v1/daemon/shutdown")
+        pid = info["pid"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.02)
+    return 0
+
+
+COMMANDS = {
+    "template": cmd_template, "create": cmd_create, "start": cmd_start, "stop": cmd_stop,
+    "restart": cmd_restart, "destroy": cmd_destroy, "list": cmd_list, "status": cmd_status,
+    "ps": cmd_ps, "exec": cmd_exec, "enter": cmd_enter, "console": cmd_console,
+    "run": cmd_run, "daemon": cmd_daemon,
+}
+SESSION_COMMANDS = ("exec", "enter", "run")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    head, command = _split_command(argv)
+    args = build_parser().parse_args(head)
+    if command is not None:
+        if args.command not in ("exec", "run"):
+            build_parser().error(f"'--' is only for 'exec' and 'run', not {args.command!r}")
+        args.cmd = command
+    client = Client(args.root)
+    try:
+        return COMMANDS[args.command](client, args)
+    except KamraError as exc:
+        if args.debug:
+            raise
+        print(f"kamra: {exc.message}", file=sys.stderr)
+        return SESSION_ERROR if args.command in SESSION_COMMANDS else exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+    except OSError as exc:
+        if args.debug:
+            raise
+        print(f"kamra: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""kamrad entry point: one daemon per data root, killable at any instant."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import sys
+import threading
+
+from kamra.errors import KamraError
+from kamra.paths import Layout, default_root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kamrad", description="kamra's daemon")
+    parser.add_argument("--root", default=default_root(), help="data root (default: %(default)s)")
+    parser.add_argument("--debug", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s kamrad[%(process)d] %(levelname)s %(message)s")
+    layout = Layout.at(args.root)
+    layout.ensure()
+    lock_fd = os.open(os.path.join(layout.run, "kamrad.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                      0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"kamrad: another kamrad already serves {layout.root}", file=sys.stderr)
+        return 1
+    # Imported late: the engine pulls in more than a failed start needs.
+    from kamra.daemon.server import UnixHTTPServer
+    from kamra.engine import Host
+
+    try:
+        host = Host(layout.root)
+    except KamraError as exc:
+        print(f"kamrad: {exc.message}", file=sys.stderr)
+        return 1
+    server = UnixHTTPServer(layout.daemon_socket, host)
+    with open(layout.daemon_pid + ".tmp", "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(layout.daemon_pid + ".tmp", layout.daemon_pid)
+
+    def stop(*_: object) -> None:
+        server.shutdown_requested.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                               daemon=True)
+    serving.start()
+    logging.info("serving %s", layout.root)
+    while not server.shutdown_requested.wait(1):
+        pass
+    server.shutdown()
+    server.server_close()
+    for path in (layout.daemon_socket, layout.daemon_pid):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    # The keeper stays while containers run (they must outlive kamrad); an idle one goes.
+    try:
+        host.keeper.request({"op": "shutdown"}, timeout=5)
+    except (OSError, KamraError):
+        pass
+    host.cgroups.cleanup()
+    host.close()
+    logging.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

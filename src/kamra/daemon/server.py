@@ -1,0 +1,319 @@
+"""kamrad's HTTP API over the engine.
+
+JSON in, JSON out; errors as ``{"error": {"type", "message"}}`` with the status the
+exception class carries. Sessions (exec, console, run) upgrade the connection
+(101 Switching Protocols) and continue with ``kamra.linux.fdpass`` messages: the
+client passes its stdio descriptors, kamrad hands back the keeper's session socket,
+so no byte of a session flows through kamrad.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import socketserver
+import threading
+import traceback
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
+from urllib.parse import parse_qs, urlsplit
+
+from kamra import __version__
+from kamra.engine import Host
+from kamra.errors import InvalidInput, KamraError, NotFound
+from kamra.linux import fdpass
+from kamra.paths import bind_unix
+
+log = logging.getLogger("kamra.daemon")
+
+Route = tuple[str, re.Pattern, Callable]
+
+
+class UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = False
+
+    def __init__(self, path: str, host: Host):
+        self.host = host
+        self.shutdown_requested = threading.Event()
+        super().__init__(path, Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = bind_unix(path)  # short-path safe bind
+
+    def server_bind(self) -> None:  # already bound in __init__
+        pass
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: UnixHTTPServer
+    server_version = f"kamrad/{__version__}"
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s " + format, "api", *args)
+
+    def address_string(self) -> str:
+        return "unix"
+
+    # -- plumbing -------------------------------------------------------------------------
+    @property
+    def host(self) -> Host:
+        return self.server.host
+
+    def _body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        if not length:
+            return {}
+        try:
+            data = json.loads(self.rfile.read(length))
+        except ValueError:
+            raise InvalidInput("request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise InvalidInput("request body must be a JSON object")
+        return data
+
+    def _send(self, status: int, payload: object) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def _send_error(self, exc: KamraError) -> None:
+        self._send(exc.http_status, {"error": exc.to_json()})
+
+    def _upgrade(self) -> socket.socket:
+        self.send_response(101)
+        self.send_header("Upgrade", "kamra-session")
+        self.send_header("Connection", "Upgrade")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        return self.connection
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        for route_method, pattern, func in ROUTES:
+            if route_method != method:
+                continue
+            match = pattern.fullmatch(url.path)
+            if match:
+                try:
+                    func(self, query, **match.groupdict())
+                except KamraError as exc:
+                    self._send_error(exc)
+                except Exception as exc:  # noqa: BLE001
+                    log.error("internal error on %s %s: %s", method, url.path,
+                              traceback.format_exc())
+                    self._send_error(KamraError(f"internal error: {exc}"))
+                return
+        self._send_error(NotFound(f"no API endpoint {method} {url.path}"))
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    # -- endpoints ------------------------------------------------------------------------
+    def ping(self, query: dict) -> None:
+        self._send(200, {"ok": True, "version": __version__, "pid": os.getpid(),
+                         "root": self.host.layout.root})
+
+    def shutdown_daemon(self, query: dict) -> None:
+        self._send(200, {"ok": True})
+        self.server.shutdown_requested.set()
+
+    def list_containers(self, query: dict) -> None:
+        self._send(200, self.host.list())
+
+    def create_container(self, query: dict) -> None:
+        body = self._body()
+        record = self.host.create(_str(body, "name"), _str(body, "template"),
+                                  body.get("hostname"))
+        self._send(201, self.host.status(record.name))
+
+    def get_container(self, query: dict, name: str) -> None:
+        self._send(200, self.host.status(name))
+
+    def delete_container(self, query: dict, name: str) -> None:
+        self.host.destroy(name, force=query.get("force") in ("1", "true"))
+        self._send(200, {"ok": True})
+
+    def start_container(self, query: dict, name: str) -> None:
+        self._send(200, self.host.start(name))
+
+    def stop_container(self, query: dict, name: str) -> None:
+        body = self._body()
+        self._send(200, self.host.stop(name, _timeout(body), force=bool(body.get("force"))))
+
+    def restart_container(self, query: dict, name: str) -> None:
+        self._send(200, self.host.restart(name, _timeout(self._body())))
+
+    def ps_container(self, query: dict, name: str) -> None:
+        self._send(200, self.host.ps(name))
+
+    def exec_container(self, query: dict, name: str) -> None:
+        body = self._body()
+        argv = body.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise InvalidInput("no command given: put it after '--', e.g. kamra exec c1 -- ls")
+        self.host._running(name)  # fail before upgrading when it cannot work
+        conn = self._upgrade()
+        hello, fds = fdpass.recv(conn)
+        try:
+            session = self.host.exec_session(
+                name, argv, env=body.get("env") or {}, user=body.get("user"),
+                cwd=body.get("cwd"), tty=bool(body.get("tty")),
+                winsize=tuple(body["winsize"]) if body.get("winsize") else None,
+                login=bool(body.get("login")), term=body.get("term"), fds=fds)
+        except KamraError as exc:
+            fdpass.send(conn, {"error": exc.to_json()})
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+        with session:
+            fdpass.send(conn, {"session": True}, [session.fileno()])
+
+    def console_container(self, query: dict, name: str) -> None:
+        self.host._running(name)
+        conn = self._upgrade()
+        try:
+            session = self.host.console_session(name)
+        except KamraError as exc:
+            fdpass.send(conn, {"error": exc.to_json()})
+            return
+        with session:
+            fdpass.send(conn, {"session": True}, [session.fileno()])
+
+    def run_container(self, query: dict) -> None:
+        body = self._body()
+        template = _str(body, "template")
+        argv = body.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise InvalidInput("no command given: put it after '--', e.g. kamra run busybox -- true")
+        self.host.templates.get(template)  # fail before upgrading when it cannot work
+        conn = self._upgrade()
+        hello, fds = fdpass.recv(conn)
+        try:
+            result = self.host.run(template, argv, name=body.get("name"),
+                                   remove=bool(body.get("rm")), stdio=fds or None)
+        except KamraError as exc:
+            fdpass.send(conn, {"error": exc.to_json()})
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+        fdpass.send(conn, result)
+
+    # -- templates ------------------------------------------------------------------------
+    def list_templates(self, query: dict) -> None:
+        self._send(200, [t.to_json() for t in self.host.templates.list()])
+
+    def get_template(self, query: dict, name: str) -> None:
+        info = self.host.templates.get(name).to_json()
+        info["used_by"] = self.host.template_users(name)
+        self._send(200, info)
+
+    def delete_template(self, query: dict, name: str) -> None:
+        self.host.remove_template(name)
+        self._send(200, {"ok": True})
+
+    def _stream(self, work: Callable[[Callable[[dict], None]], object]) -> None:
+        """Run a long action, streaming progress events as JSON lines, then the result."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+        def emit(event: dict) -> None:
+            try:
+                self.wfile.write((json.dumps({"progress": event}) + "\n").encode())
+                self.wfile.flush()
+            except OSError:
+                pass
+
+        try:
+            result = work(emit)
+            line = {"result": result}
+        except KamraError as exc:
+            line = {"error": exc.to_json()}
+        except Exception as exc:  # noqa: BLE001
+            log.error("internal error: %s", traceback.format_exc())
+            line = {"error": KamraError(f"internal error: {exc}").to_json()}
+        try:
+            self.wfile.write((json.dumps(line) + "\n").encode())
+        except OSError:
+            pass
+
+    def build_template(self, query: dict) -> None:
+        body = self._body()
+        kind = _str(body, "kind")
+        self._stream(lambda emit: self.host.templates.build(
+            kind, body.get("name"), suite=body.get("suite") or "bookworm",
+            progress=emit).to_json())
+
+    def export_template(self, query: dict, name: str) -> None:
+        body = self._body()
+        path = _str(body, "path")
+        self._stream(lambda emit: (self.host.templates.export(name, path, progress=emit),
+                                   {"path": path})[1])
+
+    def import_template(self, query: dict) -> None:
+        body = self._body()
+        path, name = _str(body, "path"), _str(body, "name")
+        self._stream(lambda emit: self.host.templates.import_(path, name, progress=emit).to_json())
+
+
+def _str(body: dict, key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str):
+        raise InvalidInput(f"missing {key!r}")
+    return value
+
+
+def _timeout(body: dict) -> float:
+    value = body.get("timeout", 10)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"invalid timeout {value!r}: give seconds, e.g. 10") from None
+
+
+_NAME = r"(?P<name>[^/]+)"
+ROUTES: list[Route] = [
+    (method, re.compile(path.replace("{name}", _NAME)), func)
+    for method, path, func in [
+        ("GET", "/v1/ping", Handler.ping),
+        ("POST", "/v1/daemon/shutdown", Handler.shutdown_daemon),
+        ("GET", "/v1/containers", Handler.list_containers),
+        ("POST", "/v1/containers", Handler.create_container),
+        ("GET", "/v1/containers/{name}", Handler.get_container),
+        ("DELETE", "/v1/containers/{name}", Handler.delete_container),
+        ("POST", "/v1/containers/{name}/start", Handler.start_container),
+        ("POST", "/v1/containers/{name}/stop", Handler.stop_container),
+        ("POST", "/v1/containers/{name}/restart", Handler.restart_container),
+        ("GET", "/v1/containers/{name}/ps", Handler.ps_container),
+        ("POST", "/v1/containers/{name}/exec", Handler.exec_container),
+        ("POST", "/v1/containers/{name}/console", Handler.console_container),
+        ("POST", "/v1/run", Handler.run_container),
+        ("GET", "/v1/templates", Handler.list_templates),
+        ("POST", "/v1/templates", Handler.build_template),
+        ("POST", "/v1/templates/import", Handler.import_template),
+        ("GET", "/v1/templates/{name}", Handler.get_template),
+        ("DELETE", "/v1/templates/{name}", Handler.delete_template),
+        ("POST", "/v1/templates/{name}/export", Handler.export_template),
+    ]
+]

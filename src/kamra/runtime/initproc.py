@@ -1,0 +1,111 @@
+"""The two forked children that turn a keeper request into a container init.
+
+The keeper forks the first child (the "launcher"), which unshares the pid namespace
+and forks the init. While the init unshares its other namespaces and builds its root
+filesystem, the launcher moves it into the container's cgroup: on cgroup v1 the
+first migration after a pause waits out an RCU grace period (6-15 ms here), so doing
+both at once hides most of it. The init waits for the launcher's go before it
+enters its cgroup namespace and execs, so no container code ever runs outside the
+container's cgroup. The launcher then exits, the init is re-parented to the keeper
+(a child subreaper), which records its exit status.
+
+Both report over a close-on-exec pipe: ``pid N`` from the launcher, ``error ...``
+from either; EOF with no error means the init exec'd.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from kamra.linux import caps, libc
+from kamra.runtime import child
+from kamra.runtime.rootfs import StepFailed, enter_rootfs
+
+# Unshared by the init itself; the pid namespace is unshared by the launcher (it applies
+# to children only) and the cgroup namespace only once the init sits in its cgroup.
+INIT_NAMESPACES = libc.CLONE_NEWNS | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC | libc.CLONE_NEWNET
+
+DEFAULT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "TERM": "linux",
+    "HOME": "/root",
+    "container": "kamra",  # systemd and others detect the container type from this
+}
+
+
+def launcher(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
+             report_w: int) -> None:
+    """First child: never returns."""
+    code = 1
+    try:
+        keep = {report_w, *stdio}
+        if console_fd is not None:
+            keep.add(console_fd)
+        child.clean_slate(keep)
+        child.set_name("kamra-launch")
+        try:
+            libc.unshare(libc.CLONE_NEWPID)
+        except OSError as exc:
+            child.report_and_exit(report_w, f"create pid namespace: {exc.strerror}", 1)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_w)
+            init(req, stdio, console_fd, report_w, go_r)
+        os.close(go_r)
+        try:
+            child.write_cgroup_procs(req.get("cgroup_procs", []), pid)
+        except OSError as exc:
+            os.kill(pid, 9)
+            child.report_and_exit(report_w, f"join cgroup: {exc.strerror}", 1)
+        os.write(go_w, b"1")
+        os.write(report_w, f"pid {pid}\n".encode())
+        code = 0
+    except BaseException as exc:  # noqa: BLE001 - a forked child must never return
+        try:
+            os.write(report_w, f"error launcher: {exc}\n".encode())
+        except OSError:
+            pass
+    os._exit(code)
+
+
+def init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
+         report_w: int, go_r: int) -> None:
+    """Second child, pid 1 of the new pid namespace: set up and exec the init."""
+    try:
+        os.setsid()
+        try:
+            libc.unshare(INIT_NAMESPACES)
+        except OSError as exc:
+            raise StepFailed("create namespaces", exc) from exc
+        enter_rootfs(req["rootfs"], req["hostname"], console_fd)
+        try:
+            caps.drop(req.get("drop_caps", list(caps.DEFAULT_DROP)))
+        except OSError as exc:
+            raise StepFailed("drop capabilities", exc) from exc
+        child.install_stdio(stdio)
+        if console_fd is not None:
+            fcntl.ioctl(0, libc.TIOCSCTTY, 0)
+        if os.read(go_r, 1) != b"1":
+            os._exit(1)  # the launcher failed and said why
+        os.close(go_r)
+        try:
+            # Now that it sits in its cgroup, that cgroup becomes the container's root.
+            libc.unshare(libc.CLONE_NEWCGROUP)
+        except OSError as exc:
+            raise StepFailed("create cgroup namespace", exc) from exc
+        child.close_all_but(report_w)
+        env = dict(DEFAULT_ENV)
+        env.update(req.get("env", {}))
+        argv = req["argv"]
+        try:
+            child.exec_command(argv, env)
+        except OSError as exc:
+            child.report_and_exit(report_w, f"exec {argv[0]}: {exc.strerror}",
+                                  127 if exc.errno == 2 else 126)
+    except StepFailed as exc:
+        child.report_and_exit(report_w, str(exc), 1)
+    except BaseException as exc:  # noqa: BLE001
+        child.report_and_exit(report_w, f"init setup: {exc}", 1)
+    os._exit(1)

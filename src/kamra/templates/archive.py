@@ -1,0 +1,213 @@
+"""Templates as .tar.zst files: export, and safe import of untrusted archives.
+
+GNU tar does the archiving on both sides, because it carries everything a rootfs
+holds (xattrs, ACLs, file capabilities, hard links, sparse files). Python only
+compresses, decompresses and, on import, checks every member first (tarcheck) so
+that a hostile archive is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import subprocess
+import tarfile
+import tempfile
+from typing import BinaryIO
+
+import zstandard
+
+from kamra.errors import InvalidInput, KamraError, KernelError, NotFound
+from kamra.templates.digest import digest_and_size
+from kamra.templates.fsutil import remove_tree, scratch_name
+from kamra.templates.model import METADATA, ROOTFS, Progress, TemplateInfo, emit
+from kamra.templates.tarcheck import MemberChecker, Summary, symlink_escapes
+from kamra.templates.zstdio import ZstdReader
+
+_CHUNK = 1 << 20
+_TAR_COMMON = ["--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner"]
+# Fixed pax header names and no atime/ctime: the same template exports to the same bytes
+# (GNU tar's default header names carry its pid).
+_PAX = "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime"
+
+
+def _stderr_tail(f: BinaryIO) -> str:
+    f.seek(0)
+    lines = [line.strip() for line in f.read().decode(errors="replace").splitlines()]
+    return " | ".join([line for line in lines if line][-2:])
+
+
+# ---------------------------------------------------------------- export
+
+def export_template(info: TemplateInfo, file_path: str, progress: Progress | None = None) -> None:
+    """Write ``file_path`` (a .tar.zst of template.toml and rootfs/) atomically."""
+    target = os.path.abspath(file_path)
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        raise NotFound(f"cannot export to {file_path}: directory {directory} does not exist")
+    if os.path.isdir(target):
+        raise InvalidInput(f"cannot export to {file_path}: it is a directory")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", dir=directory)
+    try:
+        with open(fd, "wb") as out, tempfile.TemporaryFile() as err:
+            _write_archive(info, out, err, progress)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_archive(info: TemplateInfo, out: BinaryIO, err: BinaryIO,
+                   progress: Progress | None) -> None:
+    argv = ["tar", *_TAR_COMMON, "--format=posix", _PAX, "--sort=name",
+            "-C", info.path, "-cf", "-", METADATA, ROOTFS]
+    # The content checksum lets any zstd reader detect a corrupted file, not just kamra.
+    cctx = zstandard.ZstdCompressor(level=3, threads=-1, write_checksum=True)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    assert proc.stdout is not None
+    done = 0
+    try:
+        with cctx.stream_writer(out, closefd=False) as writer:
+            while chunk := proc.stdout.read(_CHUNK):
+                writer.write(chunk)
+                done += len(chunk)
+                emit(progress, "export", min(done, info.size), info.size, info.name)
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if code != 0:
+        raise KamraError(f"exporting template '{info.name}' failed: tar: {_stderr_tail(err)}")
+    emit(progress, "export", info.size, info.size, info.name)
+
+
+# ---------------------------------------------------------------- import
+
+def _open_archive(file_path: str) -> BinaryIO:
+    try:
+        f = open(file_path, "rb")  # noqa: SIM115 - closed by the caller
+    except FileNotFoundError:
+        raise NotFound(f"archive {file_path} not found") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"{file_path} is a directory, not a template archive") from None
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {file_path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise InvalidInput(f"{file_path} is not a regular file")
+    return f
+
+
+def _scan(f: BinaryIO, label: str, size: int, progress: Progress | None
+          ) -> tuple[Summary, bytes]:
+    """First pass: check every member, extract nothing. Returns the summary and the
+    hash of the compressed bytes, so the second pass can prove it read the same file."""
+    reader = ZstdReader(f, label, lambda n: emit(progress, "verify", n, size, label))
+    checker = MemberChecker()
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+            for member in tar:
+                checker.check(member)
+        while reader.read(_CHUNK):  # the rest: tar padding, and the end of the zstd frame
+            pass
+    except tarfile.TarError as exc:
+        raise InvalidInput(f"{label} is not a valid tar archive: {exc}") from None
+    return checker.finish(), reader.hash.digest()
+
+
+def _extract(f: BinaryIO, label: str, size: int, into: str, summary: Summary,
+             expected_hash: bytes, progress: Progress | None) -> str:
+    """Second pass: GNU tar unpacks the stream we decompress; returns tar's warnings."""
+    reader = ZstdReader(f, label, lambda n: emit(progress, "extract", n, size, label))
+    # Limit what tar may write to the two names the check allowed, as a second fence.
+    argv = ["tar", *_TAR_COMMON, "--no-wildcards", "-xpf", "-", "-C", into, METADATA, ROOTFS]
+    # Headers and padding come on top of file contents; anything far beyond means the
+    # file changed since the check.
+    limit = summary.total + summary.members * 3 * 512 + (1 << 20)
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=err)
+        assert proc.stdin is not None
+        try:
+            try:
+                while chunk := reader.read(_CHUNK):
+                    if reader.produced > limit:
+                        raise InvalidInput(f"{label} changed while it was being imported")
+                    proc.stdin.write(chunk)
+            except BrokenPipeError:
+                pass  # tar stopped early; its exit status and stderr say why
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+            code = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        warnings = _stderr_tail(err)
+    if reader.hash.digest() != expected_hash:
+        raise InvalidInput(f"{label} changed while it was being imported")
+    if code != 0:
+        raise KamraError(f"extracting {label} failed: tar: {warnings or f'exit {code}'}")
+    return warnings
+
+
+def audit_tree(top: str) -> None:
+    """Re-check what tar actually wrote, independent of how tarfile parsed the archive."""
+    extra = set(os.listdir(top)) - {METADATA, ROOTFS}
+    if extra:
+        raise InvalidInput(f"archive unpacked to unexpected entries: {', '.join(sorted(extra))}")
+    rootfs = os.path.join(top, ROOTFS)
+    if not stat.S_ISDIR(os.lstat(rootfs).st_mode):
+        raise InvalidInput(f"archive has no {ROOTFS}/ directory")
+    for dirpath, dirnames, filenames in os.walk(rootfs):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            mode = os.lstat(path).st_mode
+            rel = os.path.relpath(path, rootfs)
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) \
+                    or stat.S_ISSOCK(mode):
+                raise InvalidInput(f"archive unpacked a special file at {ROOTFS}/{rel}")
+            if stat.S_ISLNK(mode) and symlink_escapes(rel.split("/"), os.readlink(path)):
+                raise InvalidInput(f"archive unpacked a symlink escaping {ROOTFS}/ at "
+                                   f"{ROOTFS}/{rel}")
+
+
+def import_template(file_path: str, dest_dir_parent: str, name: str,
+                    progress: Progress | None = None) -> str:
+    """Check, unpack and verify ``file_path``; return a dot-dir under ``dest_dir_parent``
+    holding the template (its template.toml already names it ``name``), ready to be
+    renamed into place. On any failure nothing is left behind."""
+    label = f"archive {file_path}"
+    with _open_archive(file_path) as f:
+        size = os.fstat(f.fileno()).st_size
+        summary, file_hash = _scan(f, label, size, progress)
+        tmp = scratch_name(dest_dir_parent, "import")
+        try:
+            os.mkdir(tmp, 0o700)
+            f.seek(0)
+            warnings = _extract(f, label, size, tmp, summary, file_hash, progress)
+            audit_tree(tmp)
+            info = TemplateInfo.load(tmp)
+            digest, actual_size = digest_and_size(
+                info.rootfs, lambda n: emit(progress, "digest", n, summary.total, name))
+            if digest != info.digest:
+                hint = f"; tar warned: {warnings}" if warnings else ""
+                raise InvalidInput(f"archive digest mismatch: template.toml says {info.digest}, "
+                                   f"the unpacked rootfs is {digest} (corrupt or tampered "
+                                   f"archive{hint})")
+            info.name, info.size = name, actual_size
+            info.save()
+            os.chmod(tmp, 0o755)
+            return tmp
+        except OSError as exc:
+            remove_tree(tmp)
+            raise KernelError.from_oserror("import", exc) from None
+        except BaseException:
+            remove_tree(tmp)
+            raise

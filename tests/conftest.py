@@ -1,0 +1,198 @@
+"""Shared fixtures: a private data root per test, real containers, and leftover checks.
+
+Every test gets its own temporary root (so its own keeper, kamrad, cgroups and
+mounts); teardown stops and destroys whatever the test left running, then the
+root is checked for leftovers (mounts, cgroups, processes) and the test fails if
+anything is left. Nothing here mocks the kernel.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from kamra.paths import Layout
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: builds a Debian template (needs the mirror)")
+    if os.geteuid() != 0:
+        raise pytest.UsageError("kamra's tests create real containers: run them as root")
+
+
+def unique(prefix: str = "c") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def mounts_under(path: str) -> list[str]:
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mountpoint = line.split()[4]
+            if mountpoint == path or mountpoint.startswith(path.rstrip("/") + "/"):
+                found.append(mountpoint)
+    return found
+
+
+def cgroups_of(layout: Layout) -> list[str]:
+    return glob.glob(f"/sys/fs/cgroup/**/kamra-{layout.root_id}", recursive=True)
+
+
+def _pid_from(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def leftovers(layout: Layout) -> list[str]:
+    problems = [f"mount {m}" for m in mounts_under(layout.root)]
+    problems += [f"cgroup {c}" for c in cgroups_of(layout)]
+    for what, path in (("keeper", layout.keeper_pid), ("kamrad", layout.daemon_pid)):
+        pid = _pid_from(path)
+        if _alive(pid):
+            problems.append(f"{what} pid {pid}")
+    return problems
+
+
+def force_cleanup(layout: Layout) -> None:
+    """Last resort after a failed test: end what this root started, by its recorded pids."""
+    for path in (layout.daemon_pid, layout.keeper_pid):
+        pid = _pid_from(path)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    for cgroup in cgroups_of(layout):
+        freezer = os.path.join(cgroup)
+        for procs in glob.glob(os.path.join(freezer, "**", "cgroup.procs"), recursive=True):
+            with open(procs) as f:
+                for pid in f.read().split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+    time.sleep(0.2)
+    for mount in sorted(mounts_under(layout.root), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount], check=False)
+    for cgroup in cgroups_of(layout):
+        for dirpath, _, _ in sorted(os.walk(cgroup), key=lambda w: -len(w[0])):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def root():
+    """A fresh data root; after the test it must hold no mounts, cgroups or processes."""
+    path = tempfile.mkdtemp(prefix="kamra-test-")
+    layout = Layout.at(path)
+    yield path
+    problems = leftovers(layout)
+    if problems:
+        force_cleanup(layout)
+    shutil.rmtree(path, ignore_errors=True)
+    assert not problems, f"test left behind: {problems}"
+
+
+@pytest.fixture(scope="session")
+def busybox_cache():
+    """One busybox template built per session, copied (hard-linked) into each test root."""
+    from kamra.templates.store import TemplateStore
+
+    path = tempfile.mkdtemp(prefix="kamra-tcache-")
+    store = TemplateStore(Layout.at(path))
+    Layout.at(path).ensure()
+    store.build("busybox")
+    yield Layout.at(path).template_dir("busybox")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def install_template(root: str, cached: str, name: str = "busybox") -> None:
+    layout = Layout.at(root)
+    layout.ensure()
+    subprocess.run(["cp", "-a", cached, layout.template_dir(name)], check=True)
+
+
+@pytest.fixture
+def host(root, busybox_cache):
+    """The engine on a private root with the busybox template installed."""
+    from kamra.engine import Host
+
+    install_template(root, busybox_cache)
+    h = Host(root)
+    yield h
+    for record in h.store.list():
+        try:
+            h.destroy(record.name, force=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"teardown: destroy {record.name}: {exc}", file=sys.stderr)
+    try:
+        h.keeper.request({"op": "shutdown"})
+    except Exception:  # noqa: BLE001
+        pass
+    h.keeper.wait_gone()
+    h.cgroups.cleanup()
+    h.close()
+
+
+class Cli:
+    """Runs the real kamra command line against a private root."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.env = dict(os.environ, KAMRA_ROOT=root, PYTHONPATH=SRC)
+
+    def run(self, *args: str, input: str | bytes | None = None, timeout: float = 60,
+            check: bool = False) -> subprocess.CompletedProcess:
+        text = not isinstance(input, bytes)
+        result = subprocess.run([sys.executable, "-m", "kamra.cli.main", *args],
+                                input=input, capture_output=True, text=text, env=self.env,
+                                timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kamra {' '.join(args)} failed ({result.returncode}): "
+                                 f"{result.stderr}")
+        return result
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.run(*args, "--format", "json", check=True).stdout)
+
+
+@pytest.fixture
+def cli(root, busybox_cache):
+    install_template(root, busybox_cache)
+    c = Cli(root)
+    yield c
+    try:
+        listing = json.loads(c.run("list", "--format", "json", timeout=30).stdout or "[]")
+    except (ValueError, subprocess.TimeoutExpired):
+        listing = []
+    for container in listing:
+        c.run("destroy", "--force", container["name"], timeout=60)
+    c.run("daemon", "stop", timeout=60)
+    layout = Layout.at(root)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(_pid_from(layout.keeper_pid)):
+        time.sleep(0.05)
