@@ -1,0 +1,118 @@
+"""kamrad: containers outlive it; a new kamrad re-adopts them (pid + start time checked)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from conftest import unique
+
+from kamra.engine import Host
+from kamra.paths import Layout
+
+
+def kamrad_pid(root: str) -> int:
+    with open(Layout.at(root).daemon_pid) as f:
+        return int(f.read())
+
+
+def wait_dead(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return
+        except OSError:
+            return
+        time.sleep(0.02)
+
+
+def test_container_survives_kamrad_sigkill(cli, root):
+    name = unique()
+    cli.run("create", name, "--template", "busybox", check=True)
+    cli.run("start", name, check=True)
+    before = cli.json("status", name)
+    daemon = kamrad_pid(root)
+    os.kill(daemon, signal.SIGKILL)
+    wait_dead(daemon)
+    # The next command starts a new kamrad, which re-adopts the running container.
+    after = cli.json("status", name)
+    assert kamrad_pid(root) != daemon
+    assert after["state"] == "running"
+    assert after["init_pid"] == before["init_pid"]
+    result = cli.run("exec", name, "--", "sh", "-c", "echo adopted; exit 6")
+    assert result.returncode == 6 and result.stdout == "adopted\n"
+    ps = cli.json("ps", name)
+    assert any(p["container_pid"] == 1 and p["pid"] == before["init_pid"] for p in ps)
+    cli.run("stop", name, "--timeout", "10", check=True)
+    stopped = cli.json("status", name)
+    assert stopped["state"] == "stopped"
+    assert stopped["last_exit"]["reason"] in ("poweroff", "stopped")
+
+
+def test_exit_while_kamrad_is_down_is_not_lost(root, busybox_cache):
+    from conftest import install_template
+
+    install_template(root, busybox_cache)
+    name = unique()
+    first = Host(root)
+    first.create(name, "busybox", init=["/bin/sh", "-c", "sleep 0.5; exit 3"])
+    started = first.start(name)
+    first.close()  # as if kamrad died: nothing stops the container, the keeper stays
+    time.sleep(1.0)
+    second = Host(root)  # re-adoption: the keeper recorded the exit status meanwhile
+    try:
+        deadline = time.monotonic() + 10
+        while second.status(name)["state"] != "stopped" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        status = second.status(name)
+        assert status["state"] == "stopped"
+        assert status["last_exit"]["code"] == 3
+        assert started["init_pid"] != status["init_pid"]
+        second.destroy(name)
+    finally:
+        second.keeper.request({"op": "shutdown"})
+        second.keeper.wait_gone()
+        second.cgroups.cleanup()
+        second.close()
+
+
+def test_readoption_refuses_a_reused_pid(root, busybox_cache):
+    """A recorded pid whose start time differs is another process: never adopted."""
+    from conftest import install_template
+
+    install_template(root, busybox_cache)
+    name = unique()
+    host = Host(root)
+    host.create(name, "busybox")
+    record = host.store.get(name)
+    # Pretend the container ran as our own pid but with another start time.
+    record.state = "running"
+    record.init_pid = os.getpid()
+    record.init_start = 1
+    host.store.update(record)
+    host.close()
+    again = Host(root)
+    try:
+        status = again.status(name)
+        assert status["state"] == "stopped"
+        assert status["last_exit"]["reason"] == "lost"
+        again.destroy(name)
+    finally:
+        again.keeper.request({"op": "shutdown"})
+        again.keeper.wait_gone()
+        again.cgroups.cleanup()
+        again.close()
+
+
+def test_daemon_commands(cli, root):
+    assert cli.run("daemon", "start").returncode == 0
+    status = cli.json("daemon", "status")
+    assert status["running"] and status["pid"] == kamrad_pid(root)
+    assert cli.run("daemon", "stop").returncode == 0
+    assert cli.run("daemon", "status").returncode != 0
+    # Any command starts it again on demand.
+    assert cli.run("list").returncode == 0
+    assert cli.json("daemon", "status")["running"]
