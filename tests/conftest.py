@@ -130,10 +130,32 @@ def busybox_cache():
     shutil.rmtree(path, ignore_errors=True)
 
 
+DEBIAN_ENABLED = os.environ.get("KAMRA_TEST_DEBIAN") == "1"
+needs_debian = pytest.mark.skipif(not DEBIAN_ENABLED,
+                                  reason="downloads Debian (a minute): set KAMRA_TEST_DEBIAN=1")
+
+
+@pytest.fixture(scope="session")
+def debian_build():
+    """The Debian template, built once per session: (info, progress events, seconds, store)."""
+    from kamra.templates.store import TemplateStore
+
+    path = tempfile.mkdtemp(prefix="kamra-tdebian-")
+    layout = Layout.at(path)
+    layout.ensure()
+    store = TemplateStore(layout)
+    events: list[dict] = []
+    began = time.monotonic()
+    info = store.build("debian", progress=events.append)
+    yield info, events, time.monotonic() - began, store
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def install_template(root: str, cached: str, name: str = "busybox") -> None:
+    """Copy a built template into a test root (hard links: templates are immutable)."""
     layout = Layout.at(root)
     layout.ensure()
-    subprocess.run(["cp", "-a", cached, layout.template_dir(name)], check=True)
+    subprocess.run(["cp", "-al", cached, layout.template_dir(name)], check=True)
 
 
 @pytest.fixture

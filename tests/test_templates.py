@@ -375,11 +375,8 @@ def test_debian_build_failure_leaves_nothing(store):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("KAMRA_TEST_DEBIAN") != "1",
                     reason="downloads Debian (minutes): set KAMRA_TEST_DEBIAN=1")
-def test_debian_build(store):
-    events = []
-    start = time.monotonic()
-    info = store.build("debian", progress=events.append)
-    elapsed = time.monotonic() - start
+def test_debian_build(debian_build):
+    info, events, elapsed, store = debian_build
     rootfs = info.rootfs
     assert (info.name, info.os, info.source) == ("debian", "Debian bookworm", "debian bookworm")
     assert info.init == ["/sbin/init"] and info.stop_signal == "SIGRTMIN+3"

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("kind", help="busybox or debian")
     tb.add_argument("--name", help="template name (default: the kind)")
     tb.add_argument("--suite", default="bookworm", help="Debian suite (default: bookworm)")
+    tb.add_argument("--mirror", help="Debian mirror URL (default: from the host's apt sources)")
     tl = tsub.add_parser("list", help="list templates")
     fmt(tl)
     ts = tsub.add_parser("show", help="show a template and its digest")
@@ -138,6 +139,10 @@ def _json(data: object) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
 
+# Progress phases whose counts are bytes (the others count packages or steps).
+BYTE_PHASES = ("export", "verify", "untar", "digest")
+
+
 def _progress_printer():
     """Render build/export/import progress with tqdm (imported only when needed)."""
     state: dict = {"bar": None, "phase": None}
@@ -150,8 +155,11 @@ def _progress_printer():
             if state["bar"] is not None:
                 state["bar"].close()
             state["phase"] = phase
-            state["bar"] = tqdm(total=event.get("total"), desc=phase, unit="",
-                                file=sys.stderr, leave=True, dynamic_ncols=True)
+            in_bytes = phase in BYTE_PHASES
+            state["bar"] = tqdm(total=event.get("total"), desc=f"{phase:>9}",
+                                unit="B" if in_bytes else " items", unit_scale=in_bytes,
+                                file=sys.stderr, leave=True, dynamic_ncols=True,
+                                disable=None)
         bar = state["bar"]
         if event.get("total") and bar.total != event["total"]:
             bar.total = event["total"]
@@ -201,7 +209,8 @@ def cmd_template(client: Client, a: argparse.Namespace) -> int:
     try:
         if action == "build":
             result = client.stream("/v1/templates", {"kind": a.kind, "name": a.name,
-                                                     "suite": a.suite}, on_progress)
+                                                     "suite": a.suite, "mirror": a.mirror},
+                                   on_progress)
         elif action == "export":
             result = client.stream(f"/v1/templates/{a.name}/export",
                                    {"path": os.path.abspath(a.file)}, on_progress)

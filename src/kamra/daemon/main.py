@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except KamraError as exc:
         print(f"kamrad: {exc.message}", file=sys.stderr)
         return 1
+    # Builds and imports that a crash interrupted left scratch dirs: none runs yet.
+    for leftover in host.templates.cleanup_scratch():
+        logging.info("removed unfinished template work %s", leftover)
     server = UnixHTTPServer(layout.daemon_socket, host)
     with open(layout.daemon_pid + ".tmp", "w") as f:
         f.write(f"{os.getpid()}\n")

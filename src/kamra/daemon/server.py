@@ -263,7 +263,7 @@ class Handler(BaseHTTPRequestHandler):
         kind = _str(body, "kind")
         self._stream(lambda emit: self.host.templates.build(
             kind, body.get("name"), suite=body.get("suite") or "bookworm",
-            progress=emit).to_json())
+            mirror=body.get("mirror") or None, progress=emit).to_json())
 
     def export_template(self, query: dict, name: str) -> None:
         body = self._body()

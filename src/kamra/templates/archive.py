@@ -27,6 +27,9 @@ from kamra.templates.zstdio import ZstdReader
 
 _CHUNK = 1 << 20
 _TAR_COMMON = ["--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner"]
+# --sparse keeps holes as holes; format 0.0 because 0.1 and 1.0 put tar's pid in a
+# header name, and exports should be reproducible.
+_SPARSE = ["--sparse", "--sparse-version=0.0"]
 # Fixed pax header names and no atime/ctime: the same template exports to the same bytes
 # (GNU tar's default header names carry its pid).
 _PAX = "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime"
@@ -64,7 +67,7 @@ def export_template(info: TemplateInfo, file_path: str, progress: Progress | Non
 
 def _write_archive(info: TemplateInfo, out: BinaryIO, err: BinaryIO,
                    progress: Progress | None) -> None:
-    argv = ["tar", *_TAR_COMMON, "--format=posix", _PAX, "--sort=name",
+    argv = ["tar", *_TAR_COMMON, *_SPARSE, "--format=posix", _PAX, "--sort=name",
             "-C", info.path, "-cf", "-", METADATA, ROOTFS]
     # The content checksum lets any zstd reader detect a corrupted file, not just kamra.
     cctx = zstandard.ZstdCompressor(level=3, threads=-1, write_checksum=True)
@@ -105,9 +108,10 @@ def _open_archive(file_path: str) -> BinaryIO:
 
 
 def _scan(f: BinaryIO, label: str, size: int, progress: Progress | None
-          ) -> tuple[Summary, bytes]:
-    """First pass: check every member, extract nothing. Returns the summary and the
-    hash of the compressed bytes, so the second pass can prove it read the same file."""
+          ) -> tuple[Summary, bytes, int]:
+    """First pass: check every member, extract nothing. Returns the summary, the hash of
+    the compressed bytes and the length of the tar stream, so the second pass can prove
+    it read the same file."""
     reader = ZstdReader(f, label, lambda n: emit(progress, "verify", n, size, label))
     checker = MemberChecker()
     try:
@@ -116,20 +120,18 @@ def _scan(f: BinaryIO, label: str, size: int, progress: Progress | None
                 checker.check(member)
         while reader.read(_CHUNK):  # the rest: tar padding, and the end of the zstd frame
             pass
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, ValueError) as exc:  # ValueError: e.g. undecodable pax data
         raise InvalidInput(f"{label} is not a valid tar archive: {exc}") from None
-    return checker.finish(), reader.hash.digest()
+    return checker.finish(), reader.hash.digest(), reader.produced
 
 
-def _extract(f: BinaryIO, label: str, size: int, into: str, summary: Summary,
-             expected_hash: bytes, progress: Progress | None) -> str:
+def _extract(f: BinaryIO, label: str, size: int, into: str, expected: tuple[bytes, int],
+             progress: Progress | None) -> str:
     """Second pass: GNU tar unpacks the stream we decompress; returns tar's warnings."""
-    reader = ZstdReader(f, label, lambda n: emit(progress, "extract", n, size, label))
+    reader = ZstdReader(f, label, lambda n: emit(progress, "untar", n, size, label))
     # Limit what tar may write to the two names the check allowed, as a second fence.
     argv = ["tar", *_TAR_COMMON, "--no-wildcards", "-xpf", "-", "-C", into, METADATA, ROOTFS]
-    # Headers and padding come on top of file contents; anything far beyond means the
-    # file changed since the check.
-    limit = summary.total + summary.members * 3 * 512 + (1 << 20)
+    expected_hash, limit = expected
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=err)
@@ -137,7 +139,7 @@ def _extract(f: BinaryIO, label: str, size: int, into: str, summary: Summary,
         try:
             try:
                 while chunk := reader.read(_CHUNK):
-                    if reader.produced > limit:
+                    if reader.produced > limit:  # more than the checked stream held
                         raise InvalidInput(f"{label} changed while it was being imported")
                     proc.stdin.write(chunk)
             except BrokenPipeError:
@@ -165,7 +167,10 @@ def audit_tree(top: str) -> None:
     rootfs = os.path.join(top, ROOTFS)
     if not stat.S_ISDIR(os.lstat(rootfs).st_mode):
         raise InvalidInput(f"archive has no {ROOTFS}/ directory")
-    for dirpath, dirnames, filenames in os.walk(rootfs):
+    def fail(exc: OSError) -> None:
+        raise exc  # os.walk would otherwise skip what it cannot read
+
+    for dirpath, dirnames, filenames in os.walk(rootfs, onerror=fail):
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
             mode = os.lstat(path).st_mode
@@ -186,16 +191,16 @@ def import_template(file_path: str, dest_dir_parent: str, name: str,
     label = f"archive {file_path}"
     with _open_archive(file_path) as f:
         size = os.fstat(f.fileno()).st_size
-        summary, file_hash = _scan(f, label, size, progress)
+        summary, file_hash, stream_size = _scan(f, label, size, progress)
         tmp = scratch_name(dest_dir_parent, "import")
         try:
             os.mkdir(tmp, 0o700)
             f.seek(0)
-            warnings = _extract(f, label, size, tmp, summary, file_hash, progress)
+            warnings = _extract(f, label, size, tmp, (file_hash, stream_size), progress)
             audit_tree(tmp)
             info = TemplateInfo.load(tmp)
             digest, actual_size = digest_and_size(
-                info.rootfs, lambda n: emit(progress, "digest", n, summary.total, name))
+                info.rootfs, lambda n: emit(progress, "digest", n, max(n, summary.total), name))
             if digest != info.digest:
                 hint = f"; tar warned: {warnings}" if warnings else ""
                 raise InvalidInput(f"archive digest mismatch: template.toml says {info.digest}, "

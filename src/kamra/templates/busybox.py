@@ -107,7 +107,10 @@ def check_host_busybox(path: str = HOST_BUSYBOX) -> str:
 
 
 def _applets(path: str) -> list[str]:
-    out = subprocess.run([path, "--list-full"], capture_output=True, text=True, check=True)
+    out = subprocess.run([path, "--list-full"], capture_output=True, text=True, check=False)
+    if out.returncode != 0 or not out.stdout.strip():
+        raise InvalidInput(f"{path} --list-full failed ({out.stderr.strip()[:200] or 'no output'})"
+                           f": {_MISSING}")
     applets = set()
     for line in out.stdout.split():
         rel = os.path.normpath(line.strip("/"))

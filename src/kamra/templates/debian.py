@@ -68,9 +68,9 @@ def run_debootstrap(argv: list[str], rootfs: str, progress: Progress | None) -> 
         raise
     if code != 0:
         detail = parser.summary()
-        log = _debootstrap_log_tail(rootfs)
+        log = _debootstrap_log_tail(rootfs) if "debootstrap.log" in " ".join(parser.tail) else ""
         if log:
-            detail += " | log: " + log
+            detail += " | debootstrap.log: " + log
         raise KamraError(f"debootstrap failed (exit {code}): {detail}")
 
 

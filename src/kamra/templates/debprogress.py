@@ -41,7 +41,7 @@ class DebootstrapProgress:
         if not line:
             return
         self.tail.append(line)
-        if line.startswith("E: "):
+        if line.startswith(("E: ", "W: ")):
             self.errors.append(line[3:].strip())
         if not line.startswith("I: "):
             return
@@ -78,7 +78,7 @@ class DebootstrapProgress:
         emit(self._progress, self.phase, current, total, message)
 
     def summary(self) -> str:
-        """One line for an error message: the errors debootstrap reported, then its last lines."""
-        parts = self.errors[-2:] + [line for line in list(self.tail)[-3:]
-                                    if line[3:].strip() not in self.errors]
-        return " | ".join(p.replace("\n", " ") for p in parts) or "no output"
+        """One line for an error message: the last errors and warnings debootstrap
+        reported or, if it reported none, its last lines."""
+        parts = self.errors[-2:] or list(self.tail)[-3:]
+        return " | ".join(parts) or "no output"

@@ -13,7 +13,6 @@ import tomli_w
 
 from kamra.atomic import write_file
 from kamra.errors import InvalidInput
-from kamra.names import check_name
 
 METADATA = "template.toml"
 ROOTFS = "rootfs"
@@ -108,39 +107,46 @@ class TemplateInfo:
     def from_dict(cls, data: dict, template_dir: str) -> TemplateInfo:
         where = os.path.join(template_dir, METADATA)
 
-        def get(key: str, kind: type) -> object:
+        def bad(key: str, what: str) -> InvalidInput:
+            return InvalidInput(f"{where}: '{key}' is missing or not {what}")
+
+        def text(key: str) -> str:
             value = data.get(key)
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise InvalidInput(f"{where}: '{key}' is missing or not a {kind.__name__}")
+            if not isinstance(value, str):
+                raise bad(key, "a string")
             return value
 
-        fmt = get("format", int)
+        def number(key: str) -> int:
+            value = data.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise bad(key, "a non-negative integer")
+            return value
+
+        fmt = number("format")
         if fmt > FORMAT:
             raise InvalidInput(f"{where}: format {fmt} is newer than this kamra understands "
                                f"({FORMAT}): upgrade kamra")
-        name = str(get("name", str))
-        check_name(name, "template")
-        digest = str(get("digest", str))
+        digest = text("digest")
         if not _DIGEST.match(digest):
             raise InvalidInput(f"{where}: digest {digest[:80]!r} is not 'sha256:<64 hex digits>'")
-        init = get("init", list)
-        if not init or not all(isinstance(arg, str) and arg for arg in init):  # type: ignore[union-attr]
-            raise InvalidInput(f"{where}: 'init' must be a non-empty list of strings")
-        stop_signal = str(get("stop_signal", str))
+        init = data.get("init")
+        if not isinstance(init, list) or not init \
+                or not all(isinstance(arg, str) and arg for arg in init):
+            raise bad("init", "a non-empty list of strings")
+        stop_signal = text("stop_signal")
         if not _SIGNAL.match(stop_signal):
             raise InvalidInput(f"{where}: stop_signal {stop_signal[:40]!r} is not a signal name")
-        size = int(get("size", int))  # type: ignore[call-overload]
-        if size < 0:
-            raise InvalidInput(f"{where}: 'size' is negative")
         return cls(
-            name=name,
+            # Informational: the directory name is authoritative (the store overrides it),
+            # so an archive made elsewhere under another name still imports.
+            name=text("name"),
             path=template_dir,
             rootfs=os.path.join(template_dir, ROOTFS),
             digest=digest,
-            created=str(get("created", str)),
-            source=str(get("source", str)),
-            os=str(get("os", str)),
-            init=list(init),  # type: ignore[call-overload]
+            created=text("created"),
+            source=text("source"),
+            os=text("os"),
+            init=list(init),
             stop_signal=stop_signal,
-            size=size,
+            size=number("size"),
         )

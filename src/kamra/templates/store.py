@@ -76,10 +76,13 @@ class TemplateStore:
         infos = []
         for name in self._names():
             try:
-                infos.append(TemplateInfo.load(self.layout.template_dir(name)))
+                info = TemplateInfo.load(self.layout.template_dir(name))
             except KamraError as exc:
                 # One damaged template must not hide the others.
                 log.warning("skipping template %s: %s", name, exc.message)
+                continue
+            info.name = name  # the directory name is authoritative
+            infos.append(info)
         return infos
 
     def exists(self, name: str) -> bool:

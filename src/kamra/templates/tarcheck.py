@@ -26,20 +26,28 @@ def _show(name: str) -> str:
     return repr(name if len(name) <= 120 else name[:117] + "...")
 
 
-def split_path(name: str, what: str = "member") -> list[str]:
-    """Components of an archive path, refusing anything that could leave the target."""
+def path_problem(name: str) -> str:
+    """What is wrong with an archive path ("" if nothing): anything that could leave the
+    target directory, or that GNU tar and Python's tarfile might read differently."""
     if not name:
-        raise InvalidInput(f"archive {what} has an empty name")
+        return "is empty"
     if len(name) > MAX_PATH:
-        raise InvalidInput(f"archive {what} {_show(name)} is longer than {MAX_PATH} bytes")
+        return f"is longer than {MAX_PATH} bytes"
     if name.startswith("/"):
-        raise InvalidInput(f"archive {what} {_show(name)} is an absolute path")
+        return "is an absolute path"
     parts = name.rstrip("/").split("/")
     if ".." in parts:
-        raise InvalidInput(f"archive {what} {_show(name)} has a '..' component")
+        return "has a '..' component"
     if "" in parts or "." in parts:
-        raise InvalidInput(f"archive {what} {_show(name)} has an empty or '.' component")
-    return parts
+        return "has an empty or '.' component"
+    return ""
+
+
+def split_path(name: str) -> list[str]:
+    problem = path_problem(name)
+    if problem:
+        raise InvalidInput(f"archive member {_show(name)} {problem}")
+    return name.rstrip("/").split("/")
 
 
 def symlink_escapes(link_parts: list[str], target: str) -> bool:
@@ -73,9 +81,10 @@ class Summary:
 class MemberChecker:
     """Feed every member in archive order with ``check``; call ``finish`` at the end."""
 
-    def __init__(self, max_total: int = MAX_TOTAL, max_members: int = MAX_MEMBERS):
-        self.max_total = max_total
-        self.max_members = max_members
+    def __init__(self, max_total: int | None = None, max_members: int | None = None):
+        # Read at call time, so the caps can be tuned on the module.
+        self.max_total = MAX_TOTAL if max_total is None else max_total
+        self.max_members = MAX_MEMBERS if max_members is None else max_members
         self.summary = Summary()
         self._seen: set[str] = set()
         self._symlinks: set[str] = set()
@@ -101,7 +110,8 @@ class MemberChecker:
             if s.total > self.max_total:
                 raise InvalidInput(f"archive holds more than {self.max_total >> 30} GiB "
                                    f"(at member {_show(member.name)})")
-            s.regular.add(path)
+            if parts[0] == ROOTFS:  # hard links may only point at rootfs files
+                s.regular.add(path)
         elif member.issym():
             self._symlinks.add(path)
         if path == METADATA:
@@ -116,6 +126,9 @@ class MemberChecker:
             return "is a FIFO"
         if not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
             return f"has an unsupported type {m.type!r}"
+        if m.name.endswith("/") and not m.isdir():
+            # GNU tar would make a directory of it, tarfile a file: no two readings allowed.
+            return "ends with '/' but is not a directory"
         if parts[0] == METADATA:
             if len(parts) > 1 or not m.isreg():
                 return f"must be a regular file named {METADATA}"
@@ -132,8 +145,10 @@ class MemberChecker:
             if symlink_escapes(parts[1:], m.linkname):
                 return f"is a symlink whose target {_show(m.linkname)} escapes {ROOTFS}/"
         if m.islnk():
-            target = "/".join(split_path(m.linkname, "hard link target"))
-            if target not in self.summary.regular:
+            problem = path_problem(m.linkname)
+            if problem:
+                return f"is a hard link whose target {_show(m.linkname)} {problem}"
+            if m.linkname.rstrip("/") not in self.summary.regular:
                 return (f"is a hard link to {_show(m.linkname)}, which is not an earlier "
                         f"regular file under {ROOTFS}/")
         return ""

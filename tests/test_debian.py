@@ -1,0 +1,28 @@
+"""A Debian container with systemd as init: starts, runs exec, stops cleanly."""
+
+from __future__ import annotations
+
+from conftest import install_template, needs_debian, unique
+
+pytestmark = [needs_debian]
+
+
+def test_debian_container_lifecycle(cli, debian_build):
+    info = debian_build[0]
+    install_template(cli.root, info.path, "debian")
+    name = unique("d")
+    created = cli.run("create", name, "--template", "debian")
+    assert created.returncode == 0, created.stderr
+    cli.run("start", name, check=True)
+    release = cli.run("exec", name, "--", "cat", "/etc/os-release").stdout
+    assert "Debian GNU/Linux 12" in release
+    init = cli.run("exec", name, "--", "cat", "/proc/1/comm").stdout.strip()
+    assert init == "systemd"
+    assert cli.run("exec", name, "--", "hostname").stdout.strip() == name
+    stopped = cli.run("stop", name, "--timeout", "30")
+    assert stopped.returncode == 0, stopped.stderr
+    status = cli.json("status", name)
+    assert status["state"] == "stopped"
+    # systemd halts on SIGRTMIN+3; inside a pid namespace that ends the init with SIGINT.
+    assert status["last_exit"]["reason"] == "poweroff"
+    assert cli.run("destroy", name).returncode == 0
