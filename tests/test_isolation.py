@@ -16,8 +16,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 
+import pytest
 from conftest import unique
 
 from kamra.linux.caps import CAPS, DEFAULT_DROP
@@ -37,11 +39,48 @@ NAMESPACES = ("mnt", "uts", "ipc", "net", "pid", "cgroup")
 
 # -- helpers ------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _keep_host_hostname():
+    """Should a container ever share the host's UTS namespace, its init (and the test)
+    would rename the host: put the name back after the test, whatever happened."""
+    before = socket.gethostname()
+    yield
+    if socket.gethostname() != before:
+        socket.sethostname(before)
+
+
 def start(cli, name: str | None = None, *extra: str) -> str:
+    """Create and start a busybox container; return once its boot settled.
+
+    busybox init runs /etc/init.d/rcS (which sets the hostname from /etc/hostname) to
+    completion before it spawns the console shell: once that shell is there, no boot
+    process remains to race with what a test does or counts.
+    """
     name = name or unique("iso")
     cli.run("create", name, "--template", "busybox", *extra, check=True)
     cli.run("start", name, check=True)
+    pid = init_pid(cli, name)
+    deadline = time.monotonic() + 15
+    while "-/bin/sh" not in children_commands(pid):
+        assert time.monotonic() < deadline, f"{name}: no console shell after 15s"
+        time.sleep(0.02)
     return name
+
+
+def children_commands(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return []
+    commands = []
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                commands.append(f.read().split(b"\0")[0].decode(errors="replace"))
+        except OSError:
+            pass
+    return commands
 
 
 def sh(cli, name: str, script: str, *, check: bool = True) -> subprocess.CompletedProcess:
@@ -201,8 +240,9 @@ def test_proc_is_the_containers_own(cli):
         stat -c %d /proc
         true
     """)
-    (me,), my_status, init_status, init_cmdline, (init_exe,), listing, (proc_dev,) = \
-        sections(result.stdout)
+    parts = sections(result.stdout)
+    assert len(parts) == 7 and all(parts), f"not the container's /proc:\n{result.stdout}"
+    (me,), my_status, init_status, init_cmdline, (init_exe,), listing, (proc_dev,) = parts
     me = int(me)
     # The proc mount belongs to the container's pid namespace: a process shows one pid.
     assert status_field("\n".join(my_status), "NSpid") == [str(me)]
@@ -366,23 +406,20 @@ def test_ps_maps_host_and_container_pids(cli):
 
 
 def test_uts_namespace(cli):
-    host_name = socket.gethostname()
+    host_name = socket.gethostname()  # _keep_host_hostname restores it if this fails
     default = start(cli)
     custom = unique("h")
     named = start(cli, None, "--hostname", custom)
-    try:
-        assert sh(cli, default, "hostname").stdout.strip() == default
-        assert sh(cli, named, "hostname").stdout.strip() == custom
-        assert sh(cli, named, "cat /proc/sys/kernel/hostname").stdout.strip() == custom
-        assert cli.json("status", named)["hostname"] == custom
-        renamed = unique("renamed")
-        assert sh(cli, default, f"hostname {renamed}; hostname").stdout.strip() == renamed
-        assert socket.gethostname() == host_name
-        assert sh(cli, named, "hostname").stdout.strip() == custom
-        assert sh(cli, default, "uname -n").stdout.strip() == renamed  # it did stick inside
-    finally:
-        if socket.gethostname() != host_name:  # only if the isolation failed
-            socket.sethostname(host_name)
+    assert socket.gethostname() == host_name
+    assert sh(cli, default, "hostname").stdout.strip() == default
+    assert sh(cli, named, "hostname").stdout.strip() == custom
+    assert sh(cli, named, "cat /proc/sys/kernel/hostname").stdout.strip() == custom
+    assert cli.json("status", named)["hostname"] == custom
+    renamed = unique("renamed")
+    assert sh(cli, default, f"hostname {renamed}; hostname").stdout.strip() == renamed
+    assert socket.gethostname() == host_name
+    assert sh(cli, named, "hostname").stdout.strip() == custom
+    assert sh(cli, default, "uname -n").stdout.strip() == renamed  # it did stick inside
 
 
 def test_ipc_namespace(cli):

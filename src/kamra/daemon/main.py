@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError:
             pass
     # The keeper stays while containers run (they must outlive kamrad); an idle one goes.
+    host.shutting_down()
     try:
         host.keeper.request({"op": "shutdown"}, timeout=5)
     except (OSError, KamraError):

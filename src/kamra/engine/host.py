@@ -162,6 +162,10 @@ class Host:
                     return None
                 self._exit_cond.wait(remaining if remaining is not None else 1.0)
 
+    def shutting_down(self) -> None:
+        """From now on a closed keeper connection is expected, not an error."""
+        self._closed = True
+
     def close(self) -> None:
         self._closed = True
         self._cleanups.put(None)

@@ -88,7 +88,8 @@ def init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
         if console_fd is not None:
             fcntl.ioctl(0, libc.TIOCSCTTY, 0)
         if os.read(go_r, 1) != b"1":
-            os._exit(1)  # the launcher failed and said why
+            # The launcher failed (and reported why) or died without a word.
+            child.report_and_exit(report_w, "launcher gave no go", 1)
         os.close(go_r)
         try:
             # Now that it sits in its cgroup, that cgroup becomes the container's root.

@@ -381,6 +381,8 @@ class Keeper:
             self._exited(init, status)
 
     def _exited(self, init: Init, status: int) -> None:
+        print(f"keeper: {init.name} init {init.pid} exited, wait status {status}",
+              file=sys.stderr, flush=True)
         self.by_pid.pop(init.pid, None)
         init.status = status
         init.exited_at = time.time()
