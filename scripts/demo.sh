@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export KAMRA_ROOT="${KAMRA_ROOT:-$(mktemp -d /tmp/kamra-demo-XXXXXX)}"
-kamra() { .venv/bin/kamra "$@"; }
+kamra() { /usr/local/bin/kamra "$@"; }
 step() { printf '\n\033[1m$ kamra %s\033[0m\n' "$*"; kamra "$@"; }
 cleanup() {
     kamra destroy --force demo1 >/dev/null 2>&1 || true

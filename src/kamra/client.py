@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -93,6 +92,8 @@ class Client:
         return _connect(self.socket_path, self.timeout)
 
     def start_daemon(self, wait: float = 30) -> None:
+        import subprocess  # only here: it costs milliseconds on every other command
+
         run_dir = os.path.join(self.root, "run")
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
         log = os.open(os.path.join(run_dir, "kamrad.log"),
