@@ -190,9 +190,10 @@ class Cli:
     def run(self, *args: str, input: str | bytes | None = None, timeout: float = 60,
             check: bool = False) -> subprocess.CompletedProcess:
         text = not isinstance(input, bytes)
+        # No input means an empty stdin: never pytest's own, which may be a terminal.
         result = subprocess.run([sys.executable, "-m", "kamra.cli.main", *args],
-                                input=input, capture_output=True, text=text, env=self.env,
-                                timeout=timeout)
+                                input="" if input is None else input, capture_output=True,
+                                text=text, env=self.env, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"kamra {' '.join(args)} failed ({result.returncode}): "
                                  f"{result.stderr}")

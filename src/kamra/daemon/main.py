@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                                daemon=True)
     serving.start()
     logging.info("serving %s", layout.root)
