@@ -47,7 +47,8 @@ def mounts_under(path: str) -> list[str]:
 
 
 def cgroups_of(layout: Layout) -> list[str]:
-    return glob.glob(f"/sys/fs/cgroup/**/kamra-{layout.root_id}", recursive=True)
+    found = glob.glob(f"/sys/fs/cgroup/**/kamra-{layout.root_id}", recursive=True)
+    return [path for path in found if os.path.isdir(path)]
 
 
 def _pid_from(path: str) -> int | None:
@@ -110,7 +111,9 @@ def root():
     path = tempfile.mkdtemp(prefix="kamra-test-")
     layout = Layout.at(path)
     yield path
-    problems = leftovers(layout)
+    deadline = time.monotonic() + 3  # a removed cgroup can linger for a moment in listings
+    while (problems := leftovers(layout)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     if problems:
         force_cleanup(layout)
     shutil.rmtree(path, ignore_errors=True)

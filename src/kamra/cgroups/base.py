@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from abc import ABC, abstractmethod
@@ -63,6 +64,22 @@ def read_pids(procs_file: str) -> list[int]:
         return []
 
 
+def rmdir_retry(path: str, timeout: float = 2.0) -> bool:
+    """rmdir a cgroup; True when gone. A parent stays busy for a moment after its last
+    child was removed (the child's state is released asynchronously), so EBUSY is retried."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.rmdir(path)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
+
 def rmdir_tree(path: str) -> None:
     """Remove a cgroup and its children, deepest first (cgroupfs allows only rmdir)."""
     if not os.path.isdir(path):
@@ -83,6 +100,16 @@ class CgroupDriver(ABC):
     """Placement, listing and killing of a container's processes by cgroup."""
 
     name = "abstract"
+    # Whether a populated cgroup can be renamed (v1 only): lets a launcher migrate into a
+    # spare cgroup ahead of time, off the start path.
+    supports_rename = False
+
+    def rename(self, old: str, new: str) -> None:
+        raise NotImplementedError(f"cgroup {self.name} cannot rename a cgroup")
+
+    def spares(self) -> list[str]:
+        """Names of spare cgroups (``.standby-*``) left by an earlier kamrad."""
+        return []
 
     @classmethod
     @abstractmethod

@@ -12,6 +12,7 @@ from kamra.cgroups.base import (
     own_cgroups,
     read_mounts,
     read_pids,
+    rmdir_retry,
     rmdir_tree,
 )
 
@@ -21,6 +22,7 @@ CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices",
 
 class CgroupV1(CgroupDriver):
     name = "v1"
+    supports_rename = True
 
     def __init__(self, bases: dict[str, str]):
         # controller -> <mount>/<own>/kamra-<rootid>
@@ -107,13 +109,31 @@ class CgroupV1(CgroupDriver):
                 return
             time.sleep(0.01)
 
+    def rename(self, old: str, new: str) -> None:
+        done = []
+        try:
+            for base in self.bases.values():
+                os.rename(os.path.join(base, old), os.path.join(base, new))
+                done.append(base)
+        except OSError:
+            for base in done:
+                os.rename(os.path.join(base, new), os.path.join(base, old))
+            raise
+
+    def spares(self) -> list[str]:
+        base = self.bases["freezer"]
+        try:
+            return [d for d in os.listdir(base) if d.startswith(".standby-")]
+        except FileNotFoundError:
+            return []
+
     def remove(self, container: str) -> None:
         for base in self.bases.values():
             rmdir_tree(os.path.join(base, container))
 
     def cleanup(self) -> None:
         for base in self.bases.values():
-            try:
-                os.rmdir(base)
-            except OSError:
-                pass
+            # Only if empty: a base with a container (or a spare) in it stays.
+            if not [d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))] \
+                    if os.path.isdir(base) else False:
+                rmdir_retry(base)

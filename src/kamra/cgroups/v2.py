@@ -10,6 +10,7 @@ from kamra.cgroups.base import (
     own_cgroups,
     read_mounts,
     read_pids,
+    rmdir_retry,
     rmdir_tree,
 )
 
@@ -52,7 +53,6 @@ class CgroupV2(CgroupDriver):
         rmdir_tree(os.path.join(self.base, container))
 
     def cleanup(self) -> None:
-        try:
-            os.rmdir(self.base)
-        except OSError:
-            pass
+        if os.path.isdir(self.base) and not [
+                d for d in os.listdir(self.base) if os.path.isdir(os.path.join(self.base, d))]:
+            rmdir_retry(self.base)

@@ -68,9 +68,14 @@ class Host:
         self._closed = False
         self._watch_sock: socket.socket | None = None
         self._threads: list[threading.Thread] = []
+        self._standby: str | None = None
+        self._standby_lock = threading.Lock()
+        self._refill: threading.Thread | None = None
         if watch:
             self._start_watcher()
         self.reconcile()
+        self._drop_stale_standbys()
+        self._refill_standby()
 
     # -- plumbing -------------------------------------------------------------------------
     def storage(self, record: ContainerRecord) -> StorageBackend:
@@ -149,6 +154,77 @@ class Host:
             log.info("%s rebooted itself: starting it again", name)
             self.start(name)
 
+    # -- standby launchers (cgroup v1) ---------------------------------------------------
+    def _refill_standby(self) -> None:
+        """Prepare the next spare launcher in the background (one at a time)."""
+        if not self.cgroups.supports_rename or self._closed:
+            return
+        with self._standby_lock:
+            if self._standby is not None or (self._refill and self._refill.is_alive()):
+                return
+            self._refill = threading.Thread(target=self._prepare_standby,
+                                            name="kamra-standby", daemon=True)
+            self._refill.start()
+
+    def _prepare_standby(self) -> None:
+        sid = ".standby-" + os.urandom(4).hex()  # never a valid container name
+        try:
+            self.cgroups.create(sid)
+            self.keeper.request({"op": "prepare", "id": sid,
+                                 "cgroup_procs": self.cgroups.procs_files(sid)})
+        except (OSError, KamraError) as exc:
+            log.warning("no standby launcher: %s", exc)
+            self._remove_cgroup(sid)
+            return
+        with self._standby_lock:
+            if self._standby is None and not self._closed:
+                self._standby = sid
+                return
+        self._release_standby(sid)
+
+    def _take_standby(self, name: str) -> str | None:
+        """Rename the spare cgroup (with its launcher inside) to ``name``'s cgroup."""
+        with self._standby_lock:
+            sid, self._standby = self._standby, None
+        if sid is None:
+            return None
+        try:
+            self.cgroups.rename(sid, name)
+        except OSError as exc:
+            log.warning("could not use the standby launcher for %s: %s", name, exc)
+            self._release_standby(sid)
+            return None
+        return sid
+
+    def _release_standby(self, sid: str) -> None:
+        try:
+            self.keeper.request({"op": "release", "id": sid}, timeout=5)
+        except (OSError, KamraError):
+            pass
+        self._remove_cgroup(sid)
+
+    def release_standby(self) -> None:
+        """Give back the spare launcher and its cgroup (kamrad stopping, tests ending)."""
+        with self._standby_lock:
+            refill = self._refill
+        if refill is not None:
+            refill.join(timeout=10)
+        with self._standby_lock:
+            sid, self._standby = self._standby, None
+        if sid is not None:
+            self._release_standby(sid)
+
+    def _drop_stale_standbys(self) -> None:
+        """Standbys of an earlier kamrad: the keeper ends them, we remove their cgroups."""
+        if not self.cgroups.supports_rename:
+            return
+        try:
+            self.keeper.request({"op": "release", "id": "*"}, timeout=5)
+        except (OSError, KamraError):
+            pass
+        for sid in self.cgroups.spares():
+            self._remove_cgroup(sid)
+
     def wait_exit(self, name: str, pid: int, timeout: float | None = None) -> int | None:
         """Wait for the init ``pid`` of ``name`` to exit; its wait status, or None on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -165,9 +241,11 @@ class Host:
     def shutting_down(self) -> None:
         """From now on a closed keeper connection is expected, not an error."""
         self._closed = True
+        self.release_standby()
 
     def close(self) -> None:
         self._closed = True
+        self.release_standby()
         self._cleanups.put(None)
         if self._watch_sock is not None:
             try:
@@ -177,6 +255,7 @@ class Host:
             self._watch_sock.close()
         for thread in self._threads:
             thread.join(timeout=5)
+        self.cgroups.cleanup()  # removes kamra's per-root cgroup only if nothing uses it
         self.store.close()
 
     # -- reconciliation -------------------------------------------------------------------
@@ -266,7 +345,9 @@ class Host:
                 step = "write /etc/hostname"
                 _write_hostname(rootfs, record.hostname)
                 step = "create cgroup"
-                self.cgroups.create(name)
+                standby = self._take_standby(name)
+                if standby is None:
+                    self.cgroups.create(name)
                 revert.add("remove cgroup", self._remove_cgroup, name)
                 step = "start init"
                 with self._exit_cond:
@@ -276,7 +357,7 @@ class Host:
                     "argv": argv, "console": console,
                     "console_log": os.path.join(container_dir, "console.log"),
                     "cgroup_procs": self.cgroups.procs_files(name),
-                    "drop_caps": list(caps.DEFAULT_DROP),
+                    "drop_caps": list(caps.DEFAULT_DROP), "standby": standby,
                 }, fds=stdio or ())
                 record.state = "running"
                 record.init_pid = reply["pid"]
@@ -291,9 +372,15 @@ class Host:
         except OSError as exc:
             raise KamraError(f"starting {name!r} failed at step '{step}': "
                              f"{exc.strerror or exc}; every earlier step was undone") from None
+        finally:
+            self._refill_standby()
 
     def _remove_cgroup(self, name: str) -> None:
+        from kamra.cgroups.base import wait_empty
+
         self.cgroups.kill(name)
+        # A killed process leaves its cgroup only once the kernel has reaped it.
+        wait_empty(self.cgroups.procs_files(name), 10)
         self.cgroups.remove(name)
 
     def _signal(self, record: ContainerRecord, signum: int) -> bool:
@@ -347,8 +434,7 @@ class Host:
     def _finish_stop(self, record: ContainerRecord, last_exit: dict) -> None:
         """Release a stopped container's resources. Idempotent."""
         name = record.name
-        self.cgroups.kill(name)
-        self.cgroups.remove(name)
+        self._remove_cgroup(name)
         self.storage(record).unmount(self.layout.container_dir(name))
         try:
             self.keeper.request({"op": "forget", "name": name})

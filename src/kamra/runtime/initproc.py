@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 
-from kamra.linux import caps, libc
+from kamra.linux import caps, fdpass, libc
 from kamra.runtime import child
 from kamra.runtime.rootfs import StepFailed, enter_rootfs
 
@@ -68,6 +69,37 @@ def launcher(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
         except OSError:
             pass
     os._exit(code)
+
+
+def standby(ctrl_fd: int, cgroup_procs: list[str], ready_w: int) -> None:
+    """A launcher forked ahead of time that already sits in a spare cgroup. Never returns.
+
+    It pays the cgroup migration (an RCU grace period on v1) before anyone waits for it.
+    When a container starts, the engine renames the spare cgroup to the container's name
+    and the keeper hands this process the spawn request: its init is then born inside the
+    container's cgroup, with no migration on the start path.
+    """
+    try:
+        child.clean_slate({ctrl_fd, ready_w})
+        child.set_name("kamra-standby")
+        try:
+            child.write_cgroup_procs(cgroup_procs)
+        except OSError as exc:
+            os.write(ready_w, f"error join cgroup: {exc.strerror}".encode())
+            os._exit(1)
+        os.write(ready_w, b"ok")
+        os.close(ready_w)
+        sock = socket.socket(fileno=ctrl_fd)
+        req, fds = fdpass.recv(sock)
+        sock.close()
+        if req is None or len(fds) < 4:
+            os._exit(0)  # released
+        report_w, stdio = fds[0], (fds[1], fds[2], fds[3])
+        console_fd = fds[4] if len(fds) > 4 else None
+        launcher(dict(req, cgroup_procs=[]), stdio, console_fd, report_w)
+    except BaseException:  # noqa: BLE001 - a forked child must never return
+        pass
+    os._exit(1)
 
 
 def init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,

@@ -26,7 +26,7 @@ from kamra.linux import fdpass, libc, proc
 from kamra.paths import Layout, bind_unix
 from kamra.runtime import console as consolemod
 from kamra.runtime.execute import exec_helper
-from kamra.runtime.initproc import launcher
+from kamra.runtime.initproc import launcher, standby
 
 UNCLAIMED_MAX = 1024
 
@@ -51,6 +51,17 @@ class Init:
 
 
 @dataclass
+class Standby:
+    """A launcher forked in advance into a spare cgroup (see ``initproc.standby``)."""
+
+    id: str
+    pid: int
+    ctrl: socket.socket
+    conn: socket.socket | None = None  # the prepare request waiting for "ready"
+    buffer: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
 class PendingSpawn:
     conn: socket.socket
     req: dict
@@ -70,6 +81,8 @@ class Keeper:
         self.helpers: set[int] = set()
         self.unclaimed: dict[int, int] = {}
         self.watchers: list[socket.socket] = []
+        self.standbys: dict[str, Standby] = {}
+        self.preparing: dict[int, Standby] = {}
         self.running = True
 
     # -- set-up -------------------------------------------------------------------------
@@ -92,6 +105,8 @@ class Keeper:
                     getattr(self, "_on_" + kind)(obj)
                 except Exception as exc:  # noqa: BLE001 - the keeper must survive anything
                     print(f"keeper: {kind}: {exc!r}", file=sys.stderr, flush=True)
+        for spare in self.standbys.values():
+            spare.ctrl.close()  # standbys exit when their control socket closes
 
     def _stop_if_idle(self) -> None:
         if not any(i.status is None for i in self.inits.values()) and not self.pending:
@@ -200,6 +215,54 @@ class Keeper:
         self._reply(conn, {"ok": True}, close=True)
         self.running = False
 
+    def _op_prepare(self, conn: socket.socket, req: dict, fds: list[int]) -> None:
+        sid = str(req["id"])
+        if sid in self.standbys:
+            raise RuntimeError(f"standby {sid} exists")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            standby(theirs.fileno(), list(req["cgroup_procs"]), ready_w)
+        self.helpers.add(pid)
+        theirs.close()
+        os.close(ready_w)
+        os.set_blocking(ready_r, False)
+        self.preparing[ready_r] = Standby(sid, pid, ours, conn)
+        self.sel.register(ready_r, selectors.EVENT_READ, ("ready", ready_r))
+
+    def _on_ready(self, fd: int) -> None:
+        spare = self.preparing[fd]
+        try:
+            chunk = os.read(fd, 256)
+        except BlockingIOError:
+            return
+        if chunk:
+            spare.buffer += chunk
+            return
+        self.sel.unregister(fd)
+        os.close(fd)
+        del self.preparing[fd]
+        assert spare.conn is not None
+        if bytes(spare.buffer) == b"ok":
+            self.standbys[spare.id] = spare
+            self._reply(spare.conn, {"ok": True, "pid": spare.pid}, close=True)
+        else:
+            spare.ctrl.close()
+            self._reply(spare.conn, {"error": spare.buffer.decode(errors="replace")
+                                     or "standby launcher died"}, close=True)
+        spare.conn = None
+
+    def _op_release(self, conn: socket.socket, req: dict, fds: list[int]) -> None:
+        ids = list(self.standbys) if req["id"] == "*" else [req["id"]]
+        released = []
+        for sid in ids:
+            spare = self.standbys.pop(sid, None)
+            if spare is not None:
+                spare.ctrl.close()  # end of stream: the standby exits
+                released.append({"id": sid, "pid": spare.pid})
+        self._reply(conn, {"ok": True, "released": released}, close=True)
+
     def _op_spawn(self, conn: socket.socket, req: dict, fds: list[int]) -> None:
         name = req["name"]
         old = self.inits.get(name)
@@ -217,10 +280,18 @@ class Keeper:
                 raise RuntimeError("spawn without a console needs three stdio descriptors")
             stdio = (fds[0], fds[1], fds[2])
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            launcher(req, stdio, slave, report_w)
-        self.helpers.add(pid)
+        spare = self.standbys.pop(req.get("standby") or "", None)
+        if spare is not None:
+            handed = [report_w, *stdio] + ([slave] if slave is not None else [])
+            try:
+                fdpass.send(spare.ctrl, req, handed)
+            finally:
+                spare.ctrl.close()
+        else:
+            pid = os.fork()
+            if pid == 0:
+                launcher(req, stdio, slave, report_w)
+            self.helpers.add(pid)
         os.close(report_w)
         for fd in fds:
             os.close(fd)
