@@ -111,6 +111,13 @@ def root():
     path = tempfile.mkdtemp(prefix="kamra-test-")
     layout = Layout.at(path)
     yield path
+    # Shown by pytest only when the test failed: what the daemons said.
+    for log in ("kamrad.log", "keeper.log"):
+        try:
+            with open(os.path.join(layout.run, log), errors="replace") as f:
+                print(f"--- {log} ---\n{f.read()[-4000:]}")
+        except OSError:
+            pass
     deadline = time.monotonic() + 3  # a removed cgroup can linger for a moment in listings
     while (problems := leftovers(layout)) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -86,14 +86,14 @@ def rmdir_tree(path: str) -> None:
         return
     for dirpath, dirnames, _ in os.walk(path, topdown=False):
         for d in dirnames:
-            try:
-                os.rmdir(os.path.join(dirpath, d))
-            except FileNotFoundError:
-                pass
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
+            _rmdir_or_raise(os.path.join(dirpath, d))
+    _rmdir_or_raise(path)
+
+
+def _rmdir_or_raise(path: str) -> None:
+    # A process that died but is not reaped yet still counts in its cgroup: wait for it.
+    if not rmdir_retry(path, timeout=10):
+        os.rmdir(path)  # raises the real error
 
 
 class CgroupDriver(ABC):

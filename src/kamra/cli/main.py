@@ -28,7 +28,28 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return argv, None
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMAND_NAMES = ("template", "create", "start", "stop", "restart", "destroy", "list", "status",
+                 "ps", "exec", "enter", "console", "run", "daemon")
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The subcommand in argv (after the global options), if it is one we know."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--root":
+            i += 2
+            continue
+        if word.startswith("-"):
+            i += 1
+            continue
+        return word if word in COMMAND_NAMES else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (``only``) just one command's: building every subcommand's
+    parser costs about 9 ms, paid on every command otherwise."""
     p = argparse.ArgumentParser(
         prog="kamra", description="System containers for Linux (OS-level virtualization).",
         epilog="Data lives under --root (default $KAMRA_ROOT or /var/lib/kamra). "
@@ -46,78 +67,92 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--format", choices=("table", "json"), default="table",
                             help="output format (default: table)")
 
-    t = cmd("template", "build, list, show, remove, export and import templates")
-    tsub = t.add_subparsers(dest="template_command", metavar="ACTION")
-    tsub.required = True
-    tb = tsub.add_parser("build", help="build a template: busybox (local, no network) or "
-                                       "debian (debootstrap)")
-    tb.add_argument("kind", help="busybox or debian")
-    tb.add_argument("--name", help="template name (default: the kind)")
-    tb.add_argument("--suite", default="bookworm", help="Debian suite (default: bookworm)")
-    tb.add_argument("--mirror", help="Debian mirror URL (default: from the host's apt sources)")
-    tl = tsub.add_parser("list", help="list templates")
-    fmt(tl)
-    ts = tsub.add_parser("show", help="show a template and its digest")
-    ts.add_argument("name")
-    fmt(ts)
-    tr = tsub.add_parser("remove", help="remove a template no container uses")
-    tr.add_argument("name")
-    te = tsub.add_parser("export", help="export a template to FILE.tar.zst")
-    te.add_argument("name")
-    te.add_argument("file")
-    ti = tsub.add_parser("import", help="import a template from FILE.tar.zst (verified)")
-    ti.add_argument("file")
-    ti.add_argument("--name", required=True, help="name of the imported template")
+    if only in (None, "template"):
+        t = cmd("template", "build, list, show, remove, export and import templates")
+        tsub = t.add_subparsers(dest="template_command", metavar="ACTION")
+        tsub.required = True
+        tb = tsub.add_parser("build", help="build a template: busybox (local, no network) or "
+                                           "debian (debootstrap)")
+        tb.add_argument("kind", help="busybox or debian")
+        tb.add_argument("--name", help="template name (default: the kind)")
+        tb.add_argument("--suite", default="bookworm", help="Debian suite (default: bookworm)")
+        tb.add_argument("--mirror", help="Debian mirror URL (default: from the host's apt sources)")
+        tl = tsub.add_parser("list", help="list templates")
+        fmt(tl)
+        ts = tsub.add_parser("show", help="show a template and its digest")
+        ts.add_argument("name")
+        fmt(ts)
+        tr = tsub.add_parser("remove", help="remove a template no container uses")
+        tr.add_argument("name")
+        te = tsub.add_parser("export", help="export a template to FILE.tar.zst")
+        te.add_argument("name")
+        te.add_argument("file")
+        ti = tsub.add_parser("import", help="import a template from FILE.tar.zst (verified)")
+        ti.add_argument("file")
+        ti.add_argument("--name", required=True, help="name of the imported template")
 
-    c = cmd("create", "create a container from a template (copy-on-write, O(1))")
-    c.add_argument("name")
-    c.add_argument("--template", "-t", required=True, help="template name")
-    c.add_argument("--hostname", help="hostname (default: the container's name)")
+    if only in (None, "create"):
+        c = cmd("create", "create a container from a template (copy-on-write, O(1))")
+        c.add_argument("name")
+        c.add_argument("--template", "-t", required=True, help="template name")
+        c.add_argument("--hostname", help="hostname (default: the container's name)")
 
-    s = cmd("start", "start a container")
-    s.add_argument("name")
-    st = cmd("stop", "stop a container: its stop signal, then kill after --timeout")
-    st.add_argument("name")
-    st.add_argument("--timeout", type=float, default=10, help="seconds to wait (default 10)")
-    st.add_argument("--force", action="store_true", help="kill at once")
-    r = cmd("restart", "stop and start a container")
-    r.add_argument("name")
-    r.add_argument("--timeout", type=float, default=10, help="seconds to wait (default 10)")
-    d = cmd("destroy", "destroy a stopped container and its files")
-    d.add_argument("name")
-    d.add_argument("--force", "-f", action="store_true", help="stop it first if running")
+    if only in (None, "start"):
+        s = cmd("start", "start a container")
+        s.add_argument("name")
+    if only in (None, "stop"):
+        st = cmd("stop", "stop a container: its stop signal, then kill after --timeout")
+        st.add_argument("name")
+        st.add_argument("--timeout", type=float, default=10, help="seconds to wait (default 10)")
+        st.add_argument("--force", action="store_true", help="kill at once")
+    if only in (None, "restart"):
+        r = cmd("restart", "stop and start a container")
+        r.add_argument("name")
+        r.add_argument("--timeout", type=float, default=10, help="seconds to wait (default 10)")
+    if only in (None, "destroy"):
+        d = cmd("destroy", "destroy a stopped container and its files")
+        d.add_argument("name")
+        d.add_argument("--force", "-f", action="store_true", help="stop it first if running")
 
-    ls = cmd("list", "list containers")
-    fmt(ls)
-    sts = cmd("status", "show a container's state")
-    sts.add_argument("name")
-    fmt(sts)
-    ps = cmd("ps", "a container's processes: host pid, container pid, user, command")
-    ps.add_argument("name")
-    fmt(ps)
+    if only in (None, "list"):
+        ls = cmd("list", "list containers")
+        fmt(ls)
+    if only in (None, "status"):
+        sts = cmd("status", "show a container's state")
+        sts.add_argument("name")
+        fmt(sts)
+    if only in (None, "ps"):
+        ps = cmd("ps", "a container's processes: host pid, container pid, user, command")
+        ps.add_argument("name")
+        fmt(ps)
 
-    e = cmd("exec", "run a command in a running container: kamra exec NAME -- CMD ...")
-    e.add_argument("name")
-    e.add_argument("-t", "--tty", action="store_true", help="allocate a pty")
-    e.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
-                   help="set an environment variable (repeatable)")
-    e.add_argument("-u", "--user", help="user (name, uid or user:group) inside the container")
-    e.add_argument("-w", "--workdir", help="working directory inside the container")
-    e.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
-    en = cmd("enter", "an interactive login shell in a running container")
-    en.add_argument("name")
-    en.add_argument("-u", "--user", help="user inside the container (default root)")
-    co = cmd("console", "attach to a container's console (Ctrl-a q detaches)")
-    co.add_argument("name")
-    ru = cmd("run", "one-shot: create, start CMD as init, wait, return its exit code")
-    ru.add_argument("--rm", action="store_true", help="destroy the container afterwards")
-    ru.add_argument("--name", help="container name (default: generated)")
-    ru.add_argument("template")
-    ru.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
+    if only in (None, "exec"):
+        e = cmd("exec", "run a command in a running container: kamra exec NAME -- CMD ...")
+        e.add_argument("name")
+        e.add_argument("-t", "--tty", action="store_true", help="allocate a pty")
+        e.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
+                       help="set an environment variable (repeatable)")
+        e.add_argument("-u", "--user", help="user (name, uid or user:group) inside the container")
+        e.add_argument("-w", "--workdir", help="working directory inside the container")
+        e.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
+    if only in (None, "enter"):
+        en = cmd("enter", "an interactive login shell in a running container")
+        en.add_argument("name")
+        en.add_argument("-u", "--user", help="user inside the container (default root)")
+    if only in (None, "console"):
+        co = cmd("console", "attach to a container's console (Ctrl-a q detaches)")
+        co.add_argument("name")
+    if only in (None, "run"):
+        ru = cmd("run", "one-shot: create, start CMD as init, wait, return its exit code")
+        ru.add_argument("--rm", action="store_true", help="destroy the container afterwards")
+        ru.add_argument("--name", help="container name (default: generated)")
+        ru.add_argument("template")
+        ru.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
 
-    dm = cmd("daemon", "start, stop or show kamrad (normally started on demand)")
-    dm.add_argument("action", choices=("start", "stop", "status"))
-    fmt(dm)
+    if only in (None, "daemon"):
+        dm = cmd("daemon", "start, stop or show kamrad (normally started on demand)")
+        dm.add_argument("action", choices=("start", "stop", "status"))
+        fmt(dm)
     return p
 
 
@@ -447,7 +482,7 @@ SESSION_COMMANDS = ("exec", "enter", "run")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     head, command = _split_command(argv)
-    args = build_parser().parse_args(head)
+    args = build_parser(_command_word(head)).parse_args(head)
     if command is not None:
         if args.command not in ("exec", "run"):
             build_parser().error(f"'--' is only for 'exec' and 'run', not {args.command!r}")

@@ -127,10 +127,10 @@ def set_process_name(name: str) -> None:
     _libc.prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
 
 
-def close_range(first: int) -> None:
-    """Close every descriptor from ``first`` up: nothing of the host leaks into a container."""
-    if _libc.syscall(_SYS_CLOSE_RANGE, first, 0xFFFFFFFF, 0) < 0:
-        os.closerange(first, os.sysconf("SC_OPEN_MAX"))
+def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
+    """Close descriptors ``first``..``last``: nothing of the host leaks into a container."""
+    if _libc.syscall(_SYS_CLOSE_RANGE, ctypes.c_uint(first), ctypes.c_uint(last), 0) < 0:
+        os.closerange(first, min(last + 1, os.sysconf("SC_OPEN_MAX")))
 
 
 def open_pty_peer(ptmx: str = "/dev/ptmx") -> tuple[int, int]:

@@ -105,8 +105,22 @@ class Keeper:
                     getattr(self, "_on_" + kind)(obj)
                 except Exception as exc:  # noqa: BLE001 - the keeper must survive anything
                     print(f"keeper: {kind}: {exc!r}", file=sys.stderr, flush=True)
-        for spare in self.standbys.values():
-            spare.ctrl.close()  # standbys exit when their control socket closes
+        self._end_standbys()
+
+    def _end_standbys(self) -> None:
+        """Kill and reap every spare launcher: a zombie left to another reaper would keep
+        its cgroup busy until that reaper gets to it."""
+        spares = list(self.standbys.values()) + list(self.preparing.values())
+        self.standbys.clear()
+        self.preparing.clear()
+        for spare in spares:
+            spare.ctrl.close()
+            try:
+                os.kill(spare.pid, signal.SIGKILL)
+                os.waitpid(spare.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.helpers.discard(spare.pid)
 
     def _stop_if_idle(self) -> None:
         if not any(i.status is None for i in self.inits.values()) and not self.pending:
