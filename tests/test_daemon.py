@@ -29,6 +29,14 @@ def wait_dead(pid: int, timeout: float = 10) -> None:
         time.sleep(0.02)
 
 
+def close_host(host: Host) -> None:
+    """What kamrad does when it stops: release the spare, stop an idle keeper, close."""
+    host.shutting_down()
+    host.keeper.request({"op": "shutdown"})
+    host.keeper.wait_gone()
+    host.close()
+
+
 def test_container_survives_kamrad_sigkill(cli, root):
     name = unique()
     cli.run("create", name, "--template", "busybox", check=True)
@@ -73,10 +81,7 @@ def test_exit_while_kamrad_is_down_is_not_lost(root, busybox_cache):
         assert started["init_pid"] != status["init_pid"]
         second.destroy(name)
     finally:
-        second.keeper.request({"op": "shutdown"})
-        second.keeper.wait_gone()
-        second.cgroups.cleanup()
-        second.close()
+        close_host(second)
 
 
 def test_readoption_refuses_a_reused_pid(root, busybox_cache):
@@ -101,10 +106,7 @@ def test_readoption_refuses_a_reused_pid(root, busybox_cache):
         assert status["last_exit"]["reason"] == "lost"
         again.destroy(name)
     finally:
-        again.keeper.request({"op": "shutdown"})
-        again.keeper.wait_gone()
-        again.cgroups.cleanup()
-        again.close()
+        close_host(again)
 
 
 def test_daemon_commands(cli, root):

@@ -135,3 +135,19 @@ def bind_unix(path: str, backlog: int = 128) -> socket.socket:
     os.chmod(path, 0o600)
     sock.listen(backlog)
     return sock
+
+
+def write_pid_file(path: str) -> None:
+    """Record our pid atomically (a reader never sees a half-written file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def remove_files(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

@@ -46,26 +46,28 @@ class CgroupV1(CgroupDriver):
                                "stop containers reliably")
         return cls(bases)
 
-    def _ensure_base(self, controller: str, base: str) -> None:
-        if os.path.isdir(base):
-            return
-        os.makedirs(base, exist_ok=True)
-        if controller == "cpuset":
-            # A new v1 cpuset is empty and refuses tasks: copy the parent's sets, and let
-            # children inherit ours.
-            parent = os.path.dirname(base)
-            for knob in ("cpuset.cpus", "cpuset.mems"):
-                with open(os.path.join(parent, knob)) as f:
-                    value = f.read().strip()
-                with open(os.path.join(base, knob), "w") as f:
-                    f.write(value)
-            with open(os.path.join(base, "cgroup.clone_children"), "w") as f:
-                f.write("1")
+    @staticmethod
+    def _fill_cpuset(path: str) -> None:
+        """A new v1 cpuset has no CPUs or memory nodes and refuses tasks (ENOSPC): give it
+        its parent's. Checked every time, not only on creation: another thread may have
+        created the directory a moment ago and not filled it yet."""
+        parent = os.path.dirname(path)
+        for knob in ("cpuset.cpus", "cpuset.mems"):
+            with open(os.path.join(path, knob)) as f:
+                if f.read().strip():
+                    continue
+            with open(os.path.join(parent, knob)) as f:
+                value = f.read().strip()
+            with open(os.path.join(path, knob), "w") as f:
+                f.write(value)
 
     def create(self, container: str) -> None:
         for controller, base in self.bases.items():
-            self._ensure_base(controller, base)
-            os.makedirs(os.path.join(base, container, PAYLOAD), exist_ok=True)
+            payload = os.path.join(base, container, PAYLOAD)
+            os.makedirs(payload, exist_ok=True)
+            if controller == "cpuset":
+                for path in (base, os.path.dirname(payload), payload):
+                    self._fill_cpuset(path)
 
     def procs_files(self, container: str) -> list[str]:
         return [os.path.join(base, container, PAYLOAD, "cgroup.procs")

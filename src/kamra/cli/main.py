@@ -394,12 +394,17 @@ def _env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
-def cmd_exec(client: Client, a: argparse.Namespace) -> int:
+def _command(a: argparse.Namespace, usage: str) -> list[str]:
     argv = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
     if not argv:
         from kamra.errors import InvalidInput
 
-        raise InvalidInput("no command given: kamra exec NAME -- CMD [ARGS...]")
+        raise InvalidInput(f"no command given: {usage}")
+    return argv
+
+
+def cmd_exec(client: Client, a: argparse.Namespace) -> int:
+    argv = _command(a, "kamra exec NAME -- CMD [ARGS...]")
     body = {"argv": argv, "env": _env(a.env), "user": a.user, "cwd": a.workdir,
             "tty": a.tty}
     if a.tty:
@@ -436,11 +441,7 @@ def cmd_console(client: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_run(client: Client, a: argparse.Namespace) -> int:
-    argv = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
-    if not argv:
-        from kamra.errors import InvalidInput
-
-        raise InvalidInput("no command given: kamra run [--rm] TEMPLATE -- CMD [ARGS...]")
+    argv = _command(a, "kamra run [--rm] TEMPLATE -- CMD [ARGS...]")
     return _session(client, "/v1/run", {"template": a.template, "argv": argv, "rm": a.rm,
                                         "name": a.name}, False)
 

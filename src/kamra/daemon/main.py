@@ -11,7 +11,7 @@ import sys
 import threading
 
 from kamra.errors import KamraError
-from kamra.paths import Layout, default_root
+from kamra.paths import Layout, default_root, remove_files, write_pid_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     for leftover in host.templates.cleanup_scratch():
         logging.info("removed unfinished template work %s", leftover)
     server = UnixHTTPServer(layout.daemon_socket, host)
-    with open(layout.daemon_pid + ".tmp", "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(layout.daemon_pid + ".tmp", layout.daemon_pid)
+    write_pid_file(layout.daemon_pid)
 
     def stop(*_: object) -> None:
         server.shutdown_requested.set()
@@ -60,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     server.shutdown()
     server.server_close()
-    for path in (layout.daemon_socket, layout.daemon_pid):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+    remove_files(layout.daemon_socket, layout.daemon_pid)
     # The keeper stays while containers run (they must outlive kamrad); an idle one goes.
     host.shutting_down()
     try:

@@ -165,9 +165,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def exec_container(self, query: dict, name: str) -> None:
         body = self._body()
-        argv = body.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise InvalidInput("no command given: put it after '--', e.g. kamra exec c1 -- ls")
+        argv = _argv(body, "kamra exec c1 -- ls")
         self.host._running(name)  # fail before upgrading when it cannot work
         conn = self._upgrade()
         hello, fds = fdpass.recv(conn)
@@ -200,9 +198,7 @@ class Handler(BaseHTTPRequestHandler):
     def run_container(self, query: dict) -> None:
         body = self._body()
         template = _str(body, "template")
-        argv = body.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise InvalidInput("no command given: put it after '--', e.g. kamra run busybox -- true")
+        argv = _argv(body, "kamra run busybox -- true")
         self.host.templates.get(template)  # fail before upgrading when it cannot work
         conn = self._upgrade()
         hello, fds = fdpass.recv(conn)
@@ -282,6 +278,13 @@ def _str(body: dict, key: str) -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"missing {key!r}")
     return value
+
+
+def _argv(body: dict, example: str) -> list[str]:
+    argv = body.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise InvalidInput(f"no command given: put it after '--', e.g. {example}")
+    return argv
 
 
 def _timeout(body: dict) -> float:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from kamra.linux import fdpass, libc, proc
-from kamra.paths import Layout, bind_unix
+from kamra.paths import Layout, bind_unix, remove_files, write_pid_file
 from kamra.runtime import console as consolemod
 from kamra.runtime.execute import exec_helper
 from kamra.runtime.initproc import launcher, standby
@@ -529,9 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir("/")
     libc.set_process_name("kamra-keeper")
     listener = bind_unix(layout.keeper_socket)
-    with open(layout.keeper_pid + ".tmp", "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(layout.keeper_pid + ".tmp", layout.keeper_pid)
+    write_pid_file(layout.keeper_pid)
     os.write(ready_w, b"1")
     os.close(ready_w)
     keeper = Keeper(layout)
@@ -539,11 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         keeper.serve(listener)
     finally:
         listener.close()
-        for path in (layout.keeper_socket, layout.keeper_pid):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        remove_files(layout.keeper_socket, layout.keeper_pid)
     return 0
 
 
