@@ -222,3 +222,18 @@ def test_console_attach_detach_and_log(cli, root):
     again.read_until(b"again-2")
     again.send(b"\x01q")
     assert again.wait() == 0
+
+
+def test_several_containers_in_one_command(cli):
+    names = [unique() for _ in range(3)]
+    for name in names:
+        cli.run("create", name, "--template", "busybox", check=True)
+    assert cli.run("start", *names).returncode == 0
+    assert {c["name"]: c["state"] for c in cli.json("list")} == dict.fromkeys(names, "running")
+    # One failure is reported on its own line; the others still happen.
+    result = cli.run("stop", names[0], "nosuch", names[1])
+    assert result.returncode == 3 and "nosuch" in result.stderr
+    states = {c["name"]: c["state"] for c in cli.json("list")}
+    assert states == {names[0]: "stopped", names[1]: "stopped", names[2]: "running"}
+    assert cli.run("destroy", "--force", *names).returncode == 0
+    assert cli.json("list") == []

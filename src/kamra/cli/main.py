@@ -98,20 +98,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         c.add_argument("--hostname", help="hostname (default: the container's name)")
 
     if only in (None, "start"):
-        s = cmd("start", "start a container")
-        s.add_argument("name")
+        s = cmd("start", "start containers")
+        s.add_argument("names", nargs="+", metavar="NAME")
     if only in (None, "stop"):
-        st = cmd("stop", "stop a container: its stop signal, then kill after --timeout")
-        st.add_argument("name")
+        st = cmd("stop", "stop containers: their stop signal, then kill after --timeout")
+        st.add_argument("names", nargs="+", metavar="NAME")
         st.add_argument("--timeout", type=float, default=10, help="seconds to wait (default 10)")
         st.add_argument("--force", action="store_true", help="kill at once")
     if only in (None, "restart"):
-        r = cmd("restart", "stop and start a container")
-        r.add_argument("name")
+        r = cmd("restart", "stop and start containers")
+        r.add_argument("names", nargs="+", metavar="NAME")
         r.add_argument("--timeout", type=float, default=10, help="seconds to wait (default 10)")
     if only in (None, "destroy"):
-        d = cmd("destroy", "destroy a stopped container and its files")
-        d.add_argument("name")
+        d = cmd("destroy", "destroy stopped containers and their files")
+        d.add_argument("names", nargs="+", metavar="NAME")
         d.add_argument("--force", "-f", action="store_true", help="stop it first if running")
 
     if only in (None, "list"):
@@ -278,25 +278,39 @@ def cmd_create(client: Client, a: argparse.Namespace) -> int:
     return 0
 
 
+def _each(names: list[str], action) -> int:
+    """Apply ``action`` to every name; report each failure on its own line and go on.
+
+    Returns the exit code of the first failure (0 when all succeeded)."""
+    code = 0
+    for name in names:
+        try:
+            action(name)
+        except KamraError as exc:
+            if len(names) == 1:
+                raise
+            print(f"kamra: {exc.message}", file=sys.stderr)
+            code = code or exc.exit_code
+    return code
+
+
 def cmd_start(client: Client, a: argparse.Namespace) -> int:
-    client.request("POST", f"/v1/containers/{a.name}/start")
-    return 0
+    return _each(a.names, lambda n: client.request("POST", f"/v1/containers/{n}/start"))
 
 
 def cmd_stop(client: Client, a: argparse.Namespace) -> int:
-    client.request("POST", f"/v1/containers/{a.name}/stop",
-                   {"timeout": a.timeout, "force": a.force})
-    return 0
+    body = {"timeout": a.timeout, "force": a.force}
+    return _each(a.names, lambda n: client.request("POST", f"/v1/containers/{n}/stop", body))
 
 
 def cmd_restart(client: Client, a: argparse.Namespace) -> int:
-    client.request("POST", f"/v1/containers/{a.name}/restart", {"timeout": a.timeout})
-    return 0
+    body = {"timeout": a.timeout}
+    return _each(a.names, lambda n: client.request("POST", f"/v1/containers/{n}/restart", body))
 
 
 def cmd_destroy(client: Client, a: argparse.Namespace) -> int:
-    client.request("DELETE", f"/v1/containers/{a.name}" + ("?force=1" if a.force else ""))
-    return 0
+    query = "?force=1" if a.force else ""
+    return _each(a.names, lambda n: client.request("DELETE", f"/v1/containers/{n}{query}"))
 
 
 def cmd_list(client: Client, a: argparse.Namespace) -> int:

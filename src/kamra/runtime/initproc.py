@@ -15,7 +15,6 @@ from either; EOF with no error means the init exec'd.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 
@@ -116,9 +115,10 @@ def init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
             caps.drop(req.get("drop_caps", list(caps.DEFAULT_DROP)))
         except OSError as exc:
             raise StepFailed("drop capabilities", exc) from exc
+        # The console is the init's stdio but not its controlling terminal, as when the
+        # kernel starts init: an OS init hands it to the getty or shell it spawns, which
+        # needs it as its own controlling terminal for job control.
         child.install_stdio(stdio)
-        if console_fd is not None:
-            fcntl.ioctl(0, libc.TIOCSCTTY, 0)
         if os.read(go_r, 1) != b"1":
             # The launcher failed (and reported why) or died without a word.
             child.report_and_exit(report_w, "launcher gave no go", 1)
