@@ -130,6 +130,7 @@ class PtySession:
                       dict(env, PYTHONPATH=SRC, TERM="xterm"))
         libc.set_winsize(self.fd, rows, cols)
         self.output = b""
+        self.answered = 0  # cursor position queries answered so far
 
     def read_until(self, needle: bytes, timeout: float = 20, required: bool = True) -> bytes:
         deadline = time.monotonic() + timeout
@@ -169,6 +170,16 @@ class PtySession:
         raise AssertionError("the CLI did not exit")
 
 
+def answer_cursor_query(session: PtySession) -> None:
+    """busybox's line editor asks the terminal where the cursor is (ESC [ 6 n) after each
+    prompt and takes what is typed next as the answer; a real terminal answers at once."""
+    session.read_until(b"\x1b[6n", timeout=2, required=False)
+    unanswered = session.output.count(b"\x1b[6n") - session.answered
+    for _ in range(unanswered):
+        session.send(b"\x1b[1;1R")
+    session.answered += unanswered
+
+
 def test_exec_with_a_tty(cli):
     name = unique()
     cli.run("create", name, "--template", "busybox", check=True)
@@ -187,8 +198,7 @@ def test_enter_gives_a_login_shell(cli):
     cli.run("start", name, check=True)
     session = PtySession(cli.env, "enter", name)
     session.read_until(b"# ")
-    if b"\x1b[6n" in session.read_until(b"\x1b[6n", timeout=2, required=False):
-        session.send(b"\x1b[1;1R")  # busybox's line editor asks where the cursor is
+    answer_cursor_query(session)
     session.send(b"echo inside-$((2+3)) $(hostname) $(pwd)\r")
     session.read_until(f"inside-5 {name} /root".encode())
     session.send(b"exit 0\r")
@@ -202,6 +212,7 @@ def test_console_attach_detach_and_log(cli, root):
     session = PtySession(cli.env, "console", name)
     session.read_until(b"Ctrl-a q")
     session.send(b"\r")
+    answer_cursor_query(session)
     session.send(b"echo console-$((40+2)); tty\r")
     out = session.read_until(b"console-42")
     session.read_until(b"/dev/console")
@@ -218,6 +229,8 @@ def test_console_attach_detach_and_log(cli, root):
     time.sleep(0.2)
     again = PtySession(cli.env, "console", name)
     again.read_until(b"Ctrl-a q")
+    again.send(b"\r")
+    answer_cursor_query(again)
     again.send(b"echo again-$((1+1))\r")
     again.read_until(b"again-2")
     again.send(b"\x01q")

@@ -216,3 +216,20 @@ def test_invalid_input_is_refused_before_anything_is_made(host):
         host.create(unique(), "busybox", hostname="bad_host!")
     assert os.listdir(host.layout.containers) == []
     assert host.list() == []
+
+
+def test_starts_use_a_standby_launcher_on_cgroup_v1(host):
+    """On v1 a start takes a launcher that already sits in a spare cgroup (no migration)."""
+    if not host.cgroups.supports_rename:
+        pytest.skip("the host's cgroup driver cannot rename cgroups")
+    name = unique()
+    host.create(name, "busybox")
+    host._refill_standby()  # prepared in the background since the Host started
+    host._refill.join(timeout=30)
+    started = host.start(name)
+    assert started["via_standby"] is True
+    # It is a complete container: its own root (the template's files), hostname, pid 1.
+    code, out = run_exec(host, name, ["sh", "-c", "hostname; cat /proc/1/comm; ls /bin/busybox"])
+    assert code == 0 and out.split() == [name, "init", "/bin/busybox"]
+    assert started["init_pid"] in host.cgroups.pids(name)
+    host.stop(name, timeout=10)

@@ -322,12 +322,14 @@ class Host:
             record = self._record(name)
             if record.state in RUNNING_STATES:
                 raise Conflict(f"container {name!r} is already running (pid {record.init_pid})")
-            self._start_locked(record, stdio)
+            via_standby = self._start_locked(record, stdio)
         result = self._status(record)
         result["start_ms"] = round((time.perf_counter() - received) * 1000, 3)
+        result["via_standby"] = via_standby
         return result
 
-    def _start_locked(self, record: ContainerRecord, stdio: list[int] | None) -> None:
+    def _start_locked(self, record: ContainerRecord, stdio: list[int] | None) -> bool:
+        """Start the init; True when a standby launcher was used."""
         name = record.name
         info = self.templates.get(record.template)
         if info.digest != record.template_digest:
@@ -366,6 +368,7 @@ class Host:
                 record.console = console
                 self.store.update(record)
                 revert.success()
+                return standby is not None
         except KeeperError as exc:
             raise KamraError(f"starting {name!r} failed at step '{exc.message}'; "
                              "every earlier step was undone") from None

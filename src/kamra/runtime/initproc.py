@@ -71,34 +71,74 @@ def launcher(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
 
 
 def standby(ctrl_fd: int, cgroup_procs: list[str], ready_w: int) -> None:
-    """A launcher forked ahead of time that already sits in a spare cgroup. Never returns.
+    """A launcher and its init forked ahead of time, in a spare cgroup. Never returns.
 
-    It pays the cgroup migration (an RCU grace period on v1) before anyone waits for it.
-    When a container starts, the engine renames the spare cgroup to the container's name
-    and the keeper hands this process the spawn request: its init is then born inside the
-    container's cgroup, with no migration on the start path.
+    The launcher pays the cgroup migration (an RCU grace period on v1) before anyone
+    waits for it, then forks the init, which unshares its namespaces and waits. When a
+    container starts, the engine renames the spare cgroup to the container's name and
+    the keeper hands the launcher the spawn request, which it passes on to the init:
+    forks, namespace creation and migration are all off the start path.
     """
     try:
         child.clean_slate({ctrl_fd, ready_w})
         child.set_name("kamra-standby")
         try:
             child.write_cgroup_procs(cgroup_procs)
+            libc.unshare(libc.CLONE_NEWPID)
         except OSError as exc:
-            os.write(ready_w, f"error join cgroup: {exc.strerror}".encode())
+            os.write(ready_w, f"error prepare launcher: {exc.strerror}".encode())
             os._exit(1)
-        os.write(ready_w, b"ok")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            os.close(ctrl_fd)
+            os.close(ready_w)
+            _waiting_init(theirs)
+        theirs.close()
+        answer = ours.recv(256)
+        if answer != b"ok":
+            os.write(ready_w, answer or b"error prepare init: it died")
+            os._exit(1)
+        os.write(ready_w, f"ok {pid}".encode())
         os.close(ready_w)
         sock = socket.socket(fileno=ctrl_fd)
         req, fds = fdpass.recv(sock)
         sock.close()
         if req is None or len(fds) < 4:
-            os._exit(0)  # released
-        report_w, stdio = fds[0], (fds[1], fds[2], fds[3])
-        console_fd = fds[4] if len(fds) > 4 else None
-        launcher(dict(req, cgroup_procs=[]), stdio, console_fd, report_w)
+            os._exit(0)  # released: the init sees its socket close and exits too
+        report_w = fds[0]
+        fdpass.send(ours, req, fds)
+        os.write(report_w, f"pid {pid}\n".encode())
+        os._exit(0)
     except BaseException:  # noqa: BLE001 - a forked child must never return
         pass
     os._exit(1)
+
+
+def _waiting_init(sock: socket.socket) -> None:
+    """The standby's init: new namespaces made, waiting for its container. Never returns.
+
+    Its mount namespace is made only when the container starts: a copy taken now would
+    not hold the container's root filesystem, which kamrad mounts at start."""
+    try:
+        os.setsid()
+        libc.unshare(INIT_NAMESPACES & ~libc.CLONE_NEWNS)
+    except OSError as exc:
+        sock.sendall(f"error prepare init: {exc.strerror}".encode())
+        os._exit(1)
+    sock.sendall(b"ok")
+    req, fds = fdpass.recv(sock)
+    sock.close()
+    if req is None or len(fds) < 4:
+        os._exit(0)
+    report_w, stdio = fds[0], (fds[1], fds[2], fds[3])
+    console_fd = fds[4] if len(fds) > 4 else None
+    try:
+        libc.unshare(libc.CLONE_NEWNS)
+    except OSError as exc:
+        child.report_and_exit(report_w, f"create mount namespace: {exc.strerror}", 1)
+    _finish_init(req, stdio, console_fd, report_w, None)
 
 
 def init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
@@ -110,6 +150,15 @@ def init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
             libc.unshare(INIT_NAMESPACES)
         except OSError as exc:
             raise StepFailed("create namespaces", exc) from exc
+    except StepFailed as exc:
+        child.report_and_exit(report_w, str(exc), 1)
+    _finish_init(req, stdio, console_fd, report_w, go_r)
+
+
+def _finish_init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
+                 report_w: int, go_r: int | None) -> None:
+    """Build the root filesystem, wait for the launcher's go (if any), exec. Never returns."""
+    try:
         enter_rootfs(req["rootfs"], req["hostname"], console_fd)
         try:
             caps.drop(req.get("drop_caps", list(caps.DEFAULT_DROP)))
@@ -119,10 +168,11 @@ def init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
         # kernel starts init: an OS init hands it to the getty or shell it spawns, which
         # needs it as its own controlling terminal for job control.
         child.install_stdio(stdio)
-        if os.read(go_r, 1) != b"1":
-            # The launcher failed (and reported why) or died without a word.
-            child.report_and_exit(report_w, "launcher gave no go", 1)
-        os.close(go_r)
+        if go_r is not None:
+            if os.read(go_r, 1) != b"1":
+                # The launcher failed (and reported why) or died without a word.
+                child.report_and_exit(report_w, "launcher gave no go", 1)
+            os.close(go_r)
         try:
             # Now that it sits in its cgroup, that cgroup becomes the container's root.
             libc.unshare(libc.CLONE_NEWCGROUP)

@@ -57,6 +57,7 @@ class Standby:
     id: str
     pid: int
     ctrl: socket.socket
+    init_pid: int = 0  # the init it forked ahead of time
     conn: socket.socket | None = None  # the prepare request waiting for "ready"
     buffer: bytearray = field(default_factory=bytearray)
 
@@ -115,11 +116,16 @@ class Keeper:
         self.preparing.clear()
         for spare in spares:
             spare.ctrl.close()
-            try:
-                os.kill(spare.pid, signal.SIGKILL)
-                os.waitpid(spare.pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+            # The launcher first: once it is reaped, its init is our child (we are the
+            # subreaper) and can be reaped too.
+            for pid in (spare.pid, spare.init_pid):
+                if not pid:
+                    continue
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
             self.helpers.discard(spare.pid)
 
     def _stop_if_idle(self) -> None:
@@ -242,7 +248,7 @@ class Keeper:
         theirs.close()
         os.close(ready_w)
         os.set_blocking(ready_r, False)
-        self.preparing[ready_r] = Standby(sid, pid, ours, conn)
+        self.preparing[ready_r] = Standby(id=sid, pid=pid, ctrl=ours, conn=conn)
         self.sel.register(ready_r, selectors.EVENT_READ, ("ready", ready_r))
 
     def _on_ready(self, fd: int) -> None:
@@ -258,13 +264,14 @@ class Keeper:
         os.close(fd)
         del self.preparing[fd]
         assert spare.conn is not None
-        if bytes(spare.buffer) == b"ok":
+        answer = bytes(spare.buffer).decode(errors="replace")
+        if answer.startswith("ok "):
+            spare.init_pid = int(answer[3:])
             self.standbys[spare.id] = spare
             self._reply(spare.conn, {"ok": True, "pid": spare.pid}, close=True)
         else:
             spare.ctrl.close()
-            self._reply(spare.conn, {"error": spare.buffer.decode(errors="replace")
-                                     or "standby launcher died"}, close=True)
+            self._reply(spare.conn, {"error": answer or "standby launcher died"}, close=True)
         spare.conn = None
 
     def _op_release(self, conn: socket.socket, req: dict, fds: list[int]) -> None:
