@@ -33,6 +33,8 @@ from kamra.templates.store import TemplateStore
 log = logging.getLogger("kamra.engine")
 
 RUNNING_STATES = ("starting", "running", "stopping")
+# Spare launchers kept ready (cgroup v1): enough for a burst of starts while they refill.
+STANDBY_POOL = 3
 
 
 def describe_exit(status: int, stopping: bool = False) -> dict:
@@ -68,7 +70,7 @@ class Host:
         self._closed = False
         self._watch_sock: socket.socket | None = None
         self._threads: list[threading.Thread] = []
-        self._standby: str | None = None
+        self._standbys: list[str] = []  # spare cgroups, each holding a ready launcher
         self._standby_lock = threading.Lock()
         self._refill: threading.Thread | None = None
         if watch:
@@ -156,36 +158,43 @@ class Host:
 
     # -- standby launchers (cgroup v1) ---------------------------------------------------
     def _refill_standby(self) -> None:
-        """Prepare the next spare launcher in the background (one at a time)."""
+        """Top the pool of spare launchers up in the background (one thread at a time)."""
         if not self.cgroups.supports_rename or self._closed:
             return
         with self._standby_lock:
-            if self._standby is not None or (self._refill and self._refill.is_alive()):
+            if len(self._standbys) >= STANDBY_POOL or (self._refill and self._refill.is_alive()):
                 return
-            self._refill = threading.Thread(target=self._prepare_standby,
+            self._refill = threading.Thread(target=self._prepare_standbys,
                                             name="kamra-standby", daemon=True)
             self._refill.start()
 
-    def _prepare_standby(self) -> None:
-        sid = ".standby-" + os.urandom(4).hex()  # never a valid container name
-        try:
-            self.cgroups.create(sid)
-            self.keeper.request({"op": "prepare", "id": sid,
-                                 "cgroup_procs": self.cgroups.procs_files(sid)})
-        except (OSError, KamraError) as exc:
-            log.warning("no standby launcher: %s", exc)
-            self._remove_cgroup(sid)
-            return
-        with self._standby_lock:
-            if self._standby is None and not self._closed:
-                self._standby = sid
+    def _prepare_standbys(self) -> None:
+        # Migrations right after one another are cheap (the grace period is paid once),
+        # so the pool refills in about the time one spare takes.
+        while not self._closed:
+            with self._standby_lock:
+                if len(self._standbys) >= STANDBY_POOL:
+                    return
+            sid = ".standby-" + os.urandom(4).hex()  # never a valid container name
+            try:
+                self.cgroups.create(sid)
+                self.keeper.request({"op": "prepare", "id": sid,
+                                     "cgroup_procs": self.cgroups.procs_files(sid)})
+            except (OSError, KamraError) as exc:
+                log.warning("no standby launcher: %s", exc)
+                self._remove_cgroup(sid)
                 return
-        self._release_standby(sid)
+            with self._standby_lock:
+                if not self._closed:
+                    self._standbys.append(sid)
+                    continue
+            self._release_standby(sid)
+            return
 
     def _take_standby(self, name: str) -> str | None:
-        """Rename the spare cgroup (with its launcher inside) to ``name``'s cgroup."""
+        """Rename a spare cgroup (with its launcher inside) to ``name``'s cgroup."""
         with self._standby_lock:
-            sid, self._standby = self._standby, None
+            sid = self._standbys.pop(0) if self._standbys else None
         if sid is None:
             return None
         try:
@@ -210,8 +219,8 @@ class Host:
         if refill is not None:
             refill.join(timeout=10)
         with self._standby_lock:
-            sid, self._standby = self._standby, None
-        if sid is not None:
+            spares, self._standbys = self._standbys, []
+        for sid in spares:
             self._release_standby(sid)
 
     def _drop_stale_standbys(self) -> None:

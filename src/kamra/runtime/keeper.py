@@ -197,6 +197,8 @@ class Keeper:
         self.sel.register(conn, selectors.EVENT_READ, ("watcher", conn))
 
     def _on_watcher(self, conn: socket.socket) -> None:
+        if conn not in self.watchers:
+            return
         try:
             if conn.recv(64):
                 return
@@ -252,7 +254,9 @@ class Keeper:
         self.sel.register(ready_r, selectors.EVENT_READ, ("ready", ready_r))
 
     def _on_ready(self, fd: int) -> None:
-        spare = self.preparing[fd]
+        spare = self.preparing.get(fd)
+        if spare is None:
+            return
         try:
             chunk = os.read(fd, 256)
         except BlockingIOError:
@@ -321,7 +325,9 @@ class Keeper:
         self.sel.register(report_r, selectors.EVENT_READ, ("report", report_r))
 
     def _on_report(self, fd: int) -> None:
-        pending = self.pending[fd]
+        pending = self.pending.get(fd)
+        if pending is None:
+            return
         try:
             chunk = os.read(fd, 4096)
         except BlockingIOError:
@@ -386,8 +392,11 @@ class Keeper:
 
     # -- consoles -----------------------------------------------------------------------
     def _on_console(self, fd: int) -> None:
-        init = self.masters[fd]
-        self._drain(init)
+        # An event of this very select() round may refer to a console that an earlier
+        # event of the round closed (its init exited): skip it.
+        init = self.masters.get(fd)
+        if init is not None:
+            self._drain(init)
 
     def _drain(self, init: Init) -> None:
         """Copy console output to console.log and every attached client."""
@@ -420,6 +429,8 @@ class Keeper:
     def _on_client(self, pair: tuple[Init, socket.socket]) -> None:
         init, conn = pair
         cfd = conn.fileno()
+        if cfd < 0 or cfd not in init.clients:
+            return  # detached earlier in this select() round
         try:
             data = conn.recv(65536)
         except (BlockingIOError, TimeoutError):
