@@ -250,3 +250,52 @@ def test_several_containers_in_one_command(cli):
     assert states == {names[0]: "stopped", names[1]: "stopped", names[2]: "running"}
     assert cli.run("destroy", "--force", *names).returncode == 0
     assert cli.json("list") == []
+
+
+def test_template_export_import_round_trip(cli, tmp_path):
+    archive = str(tmp_path / "bb.tar.zst")
+    assert cli.run("template", "export", "busybox", archive).returncode == 0
+    imported = cli.run("template", "import", archive, "--name", "bb2")
+    assert imported.returncode == 0, imported.stderr
+    original = cli.json("template", "show", "busybox")
+    copy = cli.json("template", "show", "bb2")
+    assert copy["digest"] == original["digest"]
+    assert {t["name"] for t in cli.json("template", "list")} == {"busybox", "bb2"}
+    result = cli.run("run", "--rm", "bb2", "--", "sh", "-c", "echo from-import")
+    assert result.returncode == 0 and result.stdout == "from-import\n"
+    assert "already exists" in one_line_error(cli.run("template", "import", archive,
+                                                      "--name", "bb2"))
+    assert cli.run("template", "remove", "bb2").returncode == 0
+    assert "not found" in one_line_error(cli.run("template", "show", "bb2"))
+
+
+def test_a_deep_data_root_works(busybox_cache):
+    """Unix socket paths hold 108 bytes; kamra reaches deeper roots through a short path."""
+    import shutil
+    import tempfile
+
+    from conftest import Cli, force_cleanup, install_template, leftovers
+
+    from kamra.paths import Layout
+
+    base = tempfile.mkdtemp(prefix="kamra-deep-")
+    root = os.path.join(base, *(["a-rather-long-directory-name"] * 6))
+    os.makedirs(root)
+    assert len(os.path.join(root, "run", "kamrad.sock")) > 108
+    install_template(root, busybox_cache)
+    deep = Cli(root)
+    try:
+        name = unique()
+        deep.run("create", name, "--template", "busybox", check=True)
+        deep.run("start", name, check=True)
+        assert deep.run("exec", name, "--", "hostname").stdout == f"{name}\n"
+        deep.run("destroy", "--force", name, check=True)
+        deep.run("daemon", "stop", check=True)
+        deadline = time.monotonic() + 10
+        while leftovers(Layout.at(root)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not leftovers(Layout.at(root))
+    finally:
+        if leftovers(Layout.at(root)):
+            force_cleanup(Layout.at(root))
+        shutil.rmtree(base, ignore_errors=True)
