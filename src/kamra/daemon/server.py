@@ -19,6 +19,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
+from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from kamra import __version__
@@ -30,6 +31,7 @@ from kamra.paths import bind_unix
 log = logging.getLogger("kamra.daemon")
 
 Route = tuple[str, re.Pattern, Callable]
+T = TypeVar("T")
 
 
 class UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -96,6 +98,23 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         self.close_connection = True
         return self.connection
+
+    def _with_client_stdio(self, work: Callable[[list[int]], T]) -> tuple[socket.socket, T | None]:
+        """Upgrade, take the client's stdio descriptors and run ``work`` with them.
+
+        A KamraError goes back to the client as a session message (None is returned);
+        our copies of the descriptors are closed either way: a pipe kept open here would
+        never see its end of file."""
+        conn = self._upgrade()
+        _hello, fds = fdpass.recv(conn)
+        try:
+            return conn, work(fds)
+        except KamraError as exc:
+            fdpass.send(conn, {"error": exc.to_json()})
+            return conn, None
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
@@ -167,22 +186,14 @@ class Handler(BaseHTTPRequestHandler):
         body = self._body()
         argv = _argv(body, "kamra exec c1 -- ls")
         self.host._running(name)  # fail before upgrading when it cannot work
-        conn = self._upgrade()
-        hello, fds = fdpass.recv(conn)
-        try:
-            session = self.host.exec_session(
-                name, argv, env=body.get("env") or {}, user=body.get("user"),
-                cwd=body.get("cwd"), tty=bool(body.get("tty")),
-                winsize=tuple(body["winsize"]) if body.get("winsize") else None,
-                login=bool(body.get("login")), term=body.get("term"), fds=fds)
-        except KamraError as exc:
-            fdpass.send(conn, {"error": exc.to_json()})
-            return
-        finally:
-            for fd in fds:
-                os.close(fd)
-        with session:
-            fdpass.send(conn, {"session": True}, [session.fileno()])
+        conn, session = self._with_client_stdio(lambda fds: self.host.exec_session(
+            name, argv, env=body.get("env") or {}, user=body.get("user"),
+            cwd=body.get("cwd"), tty=bool(body.get("tty")),
+            winsize=tuple(body["winsize"]) if body.get("winsize") else None,
+            login=bool(body.get("login")), term=body.get("term"), fds=fds))
+        if session is not None:
+            with session:
+                fdpass.send(conn, {"session": True}, [session.fileno()])
 
     def console_container(self, query: dict, name: str) -> None:
         self.host._running(name)
@@ -200,18 +211,11 @@ class Handler(BaseHTTPRequestHandler):
         template = _str(body, "template")
         argv = _argv(body, "kamra run busybox -- true")
         self.host.templates.get(template)  # fail before upgrading when it cannot work
-        conn = self._upgrade()
-        hello, fds = fdpass.recv(conn)
-        try:
-            result = self.host.run(template, argv, name=body.get("name"),
-                                   remove=bool(body.get("rm")), stdio=fds or None)
-        except KamraError as exc:
-            fdpass.send(conn, {"error": exc.to_json()})
-            return
-        finally:
-            for fd in fds:
-                os.close(fd)
-        fdpass.send(conn, result)
+        conn, result = self._with_client_stdio(lambda fds: self.host.run(
+            template, argv, name=body.get("name"), remove=bool(body.get("rm")),
+            stdio=fds or None))
+        if result is not None:
+            fdpass.send(conn, result)
 
     # -- templates ------------------------------------------------------------------------
     def list_templates(self, query: dict) -> None:
