@@ -9,6 +9,8 @@ write its own cgroup can never raise the limits set on its parent.
 from __future__ import annotations
 
 from kamra.cgroups.base import CgroupDriver, detect_mode
+from kamra.cgroups.limits import KEYS as LIMIT_KEYS
+from kamra.cgroups.limits import block_device_of, io_scheduler
 from kamra.cgroups.v1 import CgroupV1
 from kamra.cgroups.v2 import CgroupV2
 
@@ -21,4 +23,5 @@ def driver_for_host(root_id: str, mountinfo: str = "/proc/self/mountinfo",
     return DRIVERS[mode].from_host(root_id, mountinfo, proc_cgroup)
 
 
-__all__ = ["CgroupDriver", "CgroupV1", "CgroupV2", "DRIVERS", "detect_mode", "driver_for_host"]
+__all__ = ["CgroupDriver", "CgroupV1", "CgroupV2", "DRIVERS", "LIMIT_KEYS", "block_device_of",
+           "detect_mode", "driver_for_host", "io_scheduler"]

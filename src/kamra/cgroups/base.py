@@ -7,6 +7,8 @@ import os
 import time
 from abc import ABC, abstractmethod
 
+from kamra.cgroups.limits import bfq_active
+
 PAYLOAD = "payload"
 
 
@@ -138,3 +140,32 @@ class CgroupDriver(ABC):
     @abstractmethod
     def cleanup(self) -> None:
         """Remove kamra's per-root cgroup if no container uses it any more."""
+
+    # --- resource limits and accounting (see kamra.cgroups.limits and .stats) ----------
+
+    def apply_limits(self, container: str, limits: dict[str, object],
+                     io_device: str | None = None) -> None:
+        """Write the kernel limits for normalized ``limits.*`` values on the container's
+        cgroup. The dict is the whole set: an absent key means no limit (or the default),
+        so applying a smaller dict removes limits. ``io_device`` ("MAJ:MIN", see
+        ``block_device_of``) is needed for the I/O throttles. Memory limits are written
+        first, so a memory value that cannot hold (ResourceBusy) changes nothing.
+        Raises InvalidInput, ResourceBusy, KernelError (a write the kernel refused) or
+        KamraError (the host lacks the controller)."""
+        raise NotImplementedError(f"cgroup {self.name} cannot apply limits")
+
+    def check_memory_limit(self, container: str, value: int) -> None:
+        """Raise ResourceBusy if the container cannot fit in ``value`` bytes even after
+        reclaim. Only needed where the kernel would accept the write and OOM-kill (v2);
+        the v1 kernel refuses such a write itself (apply_limits turns that into the same
+        ResourceBusy), so the default checks nothing."""
+        return None
+
+    def stats(self, container: str) -> dict:
+        """Figures for beancounters and ``kamra stats`` (see kamra.cgroups.stats)."""
+        raise NotImplementedError(f"cgroup {self.name} cannot read statistics")
+
+    def io_weight_effective(self, device: str) -> bool:
+        """Whether ``limits.io.weight`` has any effect on this block device ("MAJ:MIN"):
+        only an I/O scheduler that honours cgroup weights (BFQ) does."""
+        return bfq_active(device)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
 
+from kamra.cgroups import limits as L
 from kamra.cgroups.base import (
     PAYLOAD,
     CgroupDriver,
@@ -15,6 +17,8 @@ from kamra.cgroups.base import (
     rmdir_retry,
     rmdir_tree,
 )
+from kamra.cgroups.stats import stats_v1
+from kamra.errors import InvalidInput, KamraError, KernelError, NotFound, ResourceBusy
 
 # Controllers kamra places containers in; the others (net_cls, perf_event, ...) are left alone.
 CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer")
@@ -139,3 +143,182 @@ class CgroupV1(CgroupDriver):
             if not [d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))] \
                     if os.path.isdir(base) else False:
                 rmdir_retry(base)
+
+    # --- limits ------------------------------------------------------------------------
+
+    def _dir(self, controller: str, container: str, key: str | None) -> str | None:
+        """The container's cgroup in a controller's hierarchy; None when the controller is
+        not mounted and nothing is asked of it (``key`` None), an error when it is."""
+        base = self.bases.get(controller)
+        if base is None:
+            if key is None:
+                return None
+            raise L.missing_controller(key, controller, "is not mounted (cgroup v1)")
+        return os.path.join(base, container)
+
+    def apply_limits(self, container: str, limits: dict[str, object],
+                     io_device: str | None = None) -> None:
+        L.check_keys(limits, io_device)
+        if not os.path.isdir(self._freezer(container)):
+            raise NotFound(f"container {container!r} has no cgroup (is it running?)")
+
+        def asked(*keys: str) -> str | None:
+            return next((k for k in keys if k in limits), None)
+
+        # Everything that can be checked is checked before the first write: a missing
+        # controller or a bad CPU list changes nothing.
+        mem_path = self._dir("memory", container, asked(L.MEMORY, L.SWAP, L.RESERVATION))
+        cpu_path = self._dir("cpu", container, asked(L.CPU, L.CPU_WEIGHT))
+        cpuset_path = self._dir("cpuset", container, asked(L.CPU_SET))
+        pids_path = self._dir("pids", container, asked(L.PIDS))
+        blkio_path = self._dir("blkio", container, asked(*L.IO_THROTTLE))
+        cpuset_steps = self._cpuset_steps(cpuset_path, limits.get(L.CPU_SET)) \
+            if cpuset_path else []
+
+        # Memory first: a value that cannot hold is refused before anything else changes.
+        if mem_path:
+            self._apply_memory(container, mem_path, limits)
+            reservation = limits.get(L.RESERVATION)
+            self._write(mem_path, "memory.soft_limit_in_bytes",
+                        "-1" if reservation is None else str(int(reservation)),  # type: ignore[call-overload]
+                        L.RESERVATION)
+
+        if cpu_path:
+            cores = limits.get(L.CPU)
+            self._write(cpu_path, "cpu.cfs_period_us", str(L.CFS_PERIOD), L.CPU)
+            self._write(cpu_path, "cpu.cfs_quota_us",
+                        "-1" if cores is None else str(L.cpu_quota(cores)), L.CPU)
+            weight = limits.get(L.CPU_WEIGHT, L.WEIGHT_DEFAULT)
+            self._write(cpu_path, "cpu.shares", str(L.weight_to_shares(weight)), L.CPU_WEIGHT)
+
+        for where, value in cpuset_steps:
+            L.write_knob(os.path.join(where, "cpuset.cpus"), value, L.CPU_SET)
+
+        if pids_path:
+            pids = limits.get(L.PIDS)
+            self._write(pids_path, "pids.max", "max" if pids is None else str(int(pids)),  # type: ignore[call-overload]
+                        L.PIDS)
+
+        if blkio_path:
+            weight_file = os.path.join(blkio_path, "blkio.bfq.weight")
+            if os.path.exists(weight_file):
+                weight = limits.get(L.IO_WEIGHT, L.WEIGHT_DEFAULT)
+                L.write_knob(weight_file, str(L.weight_to_bfq(weight)), L.IO_WEIGHT)
+            for key, (name, _) in L.IO_FILES.items():
+                self._apply_throttle(os.path.join(blkio_path, name), key, limits.get(key),
+                                     io_device)
+
+    @staticmethod
+    def _write(path: str, name: str, value: str, key: str) -> None:
+        L.write_knob(os.path.join(path, name), value, key)
+
+    @staticmethod
+    def _read_int(path: str) -> int:
+        with open(path) as f:
+            return int(f.read().strip())
+
+    def _apply_memory(self, container: str, path: str, limits: dict[str, object]) -> None:
+        memory, swap = limits.get(L.MEMORY), limits.get(L.SWAP)
+        mem_file = os.path.join(path, "memory.limit_in_bytes")
+        memsw_file = os.path.join(path, "memory.memsw.limit_in_bytes")
+        has_memsw = os.path.exists(memsw_file)
+        if swap is not None:
+            if not has_memsw:
+                raise KamraError(
+                    "limits.memory.swap: swap limits need swap accounting, which this kernel "
+                    "has off (no memory.memsw.* files): boot with swapaccount=1, or remove "
+                    "the key")
+            if memory is None:
+                raise InvalidInput(
+                    "limits.memory.swap: on cgroup v1 swap is limited together with memory "
+                    "(memory+swap = limits.memory + limits.memory.swap): set limits.memory too")
+        new_mem = -1 if memory is None else int(memory)  # type: ignore[call-overload]
+        if not has_memsw:
+            self._write_memory(container, path, mem_file, new_mem)
+            return
+        new_memsw = -1 if swap is None else new_mem + int(swap)  # type: ignore[call-overload]
+
+        def unbounded(v: int) -> float:
+            return float("inf") if v < 0 or v >= 2**62 else v
+
+        # The kernel keeps memory.limit <= memsw.limit after every write.
+        old_mem, old_memsw = self._read_int(mem_file), self._read_int(memsw_file)
+        if unbounded(new_memsw) >= unbounded(old_mem):
+            self._write_memsw(container, path, memsw_file, new_memsw)
+            try:
+                self._write_memory(container, path, mem_file, new_mem)
+            except (ResourceBusy, KernelError):
+                self._restore(memsw_file, old_memsw)
+                raise
+        else:
+            self._write_memory(container, path, mem_file, new_mem)
+            try:
+                self._write_memsw(container, path, memsw_file, new_memsw)
+            except (ResourceBusy, KernelError):
+                self._restore(mem_file, old_mem)
+                raise
+
+    @staticmethod
+    def _restore(path: str, value: int) -> None:
+        try:
+            with open(path, "w") as f:
+                f.write(str(-1 if value >= 2**62 else value))
+        except OSError:
+            pass
+
+    def _write_memory(self, container: str, path: str, mem_file: str, value: int) -> None:
+        try:
+            L.write_knob(mem_file, str(value), L.MEMORY)
+        except KernelError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            # The kernel reclaimed what it could and still does not fit: the old limit stays.
+            usage = self._read_int(os.path.join(path, "memory.usage_in_bytes"))
+            raise L.memory_busy(container, usage, value) from exc
+
+    def _write_memsw(self, container: str, path: str, memsw_file: str, value: int) -> None:
+        try:
+            L.write_knob(memsw_file, str(value), L.SWAP)
+        except KernelError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            usage = self._read_int(os.path.join(path, "memory.memsw.usage_in_bytes"))
+            raise ResourceBusy(
+                f"limits.memory.swap: container {container!r} uses {L.mib(usage, up=True)} MiB "
+                f"of memory and swap even after reclaim; memory + swap = {L.mib(value)} MiB "
+                "cannot hold: raise the values or free memory first") from exc
+
+    @staticmethod
+    def _cpuset_steps(path: str, cpus: object) -> list[tuple[str, str]]:
+        """(cgroup, cpuset.cpus value) writes that move the container and its payload to
+        ``cpus`` (the parent's set when None), validated first."""
+        payload = os.path.join(path, PAYLOAD)
+        with open(os.path.join(os.path.dirname(path), "cpuset.cpus")) as f:
+            available = f.read().strip()
+        target = available if cpus is None else str(cpus).strip()
+        with open(os.path.join(path, "cpuset.cpus")) as f:
+            current = f.read().strip()
+        wanted = L.check_cpu_list(target, available)
+        # A v1 cpuset must stay a superset of its children's after every write: widen the
+        # container to old | new, move the payload, then narrow the container.
+        wide = L.parse_cpu_list(current) | wanted
+        return [(path, ",".join(map(str, sorted(wide)))), (payload, target), (path, target)]
+
+    @staticmethod
+    def _apply_throttle(path: str, key: str, value: object, device: str | None) -> None:
+        try:
+            with open(path) as f:
+                present = [line.split()[0] for line in f if line.strip()]
+        except FileNotFoundError as exc:
+            if value is None:
+                return
+            raise KernelError(f"{key}: reading {path}", errno.ENOENT,
+                              "blkio throttling is not available") from exc
+        for dev in present:  # stale rules (another device, or a removed key)
+            if dev != device or value is None:
+                L.write_knob(path, f"{dev} 0", key)
+        if value is not None and device:
+            L.write_knob(path, f"{device} {int(value)}", key)  # type: ignore[call-overload]
+
+    def stats(self, container: str) -> dict:
+        return stats_v1({c: os.path.join(b, container) for c, b in self.bases.items()})

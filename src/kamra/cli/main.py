@@ -29,7 +29,8 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 
 COMMAND_NAMES = ("template", "create", "start", "stop", "restart", "destroy", "list", "status",
-                 "ps", "exec", "enter", "console", "run", "daemon")
+                 "ps", "exec", "enter", "console", "run", "daemon", "set", "config", "plan",
+                 "beancounters", "stats")
 
 
 def _command_word(argv: list[str]) -> str | None:
@@ -96,6 +97,63 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         c.add_argument("name")
         c.add_argument("--template", "-t", required=True, help="template name")
         c.add_argument("--hostname", help="hostname (default: the container's name)")
+        c.add_argument("--plan", help="resource plan (see 'kamra plan list')")
+        c.add_argument("-c", "--config", action="append", default=[], metavar="KEY=VALUE",
+                       help="set a config key, e.g. -c limits.memory=512M (repeatable)")
+
+    if only in (None, "set"):
+        se = cmd("set", "change a container's config and limits; live on a running one")
+        se.add_argument("name")
+        se.add_argument("assignments", nargs="*", metavar="KEY=VALUE",
+                        help="e.g. limits.memory=512M; KEY= (empty) removes the override")
+        plan_group = se.add_mutually_exclusive_group()
+        plan_group.add_argument("--plan", help="switch to this plan")
+        plan_group.add_argument("--no-plan", action="store_true", help="use no plan")
+        se.add_argument("--no-save", action="store_true",
+                        help="apply to the running container only; keep the saved config")
+
+    if only in (None, "config"):
+        cf = cmd("config", "show config keys and a container's effective config")
+        cfsub = cf.add_subparsers(dest="config_command", metavar="ACTION")
+        cfsub.required = True
+        ck = cfsub.add_parser("keys", help="every config key, its accepted form and default")
+        fmt(ck)
+        cs = cfsub.add_parser("show", help="a container's effective config and where each "
+                                           "value comes from (default, plan, container)")
+        cs.add_argument("name")
+        fmt(cs)
+
+    if only in (None, "beancounters"):
+        bc = cmd("beancounters", "per-container held, maxheld, barrier, limit and failcnt "
+                                 "of every resource (like /proc/user_beancounters)")
+        bc.add_argument("name", nargs="?", help="one container (default: all running)")
+        fmt(bc)
+    if only in (None, "stats"):
+        sa = cmd("stats", "a container's CPU, memory (with breakdown), processes, I/O, disk")
+        sa.add_argument("name")
+        sa.add_argument("--watch", action="store_true", help="refresh every second")
+        fmt(sa)
+
+    if only in (None, "plan"):
+        pl = cmd("plan", "resource plans: named sets of limits (built-in and your own)")
+        plsub = pl.add_subparsers(dest="plan_command", metavar="ACTION")
+        plsub.required = True
+        pll = plsub.add_parser("list", help="list plans")
+        fmt(pll)
+        pls = plsub.add_parser("show", help="show a plan and the containers using it")
+        pls.add_argument("name")
+        fmt(pls)
+        plc = plsub.add_parser("create", help="create a plan: kamra plan create NAME KEY=VALUE...")
+        plc.add_argument("name")
+        plc.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
+        plc.add_argument("--description", default="", help="one line about the plan")
+        ple = plsub.add_parser("edit", help="change a plan; running containers using it follow")
+        ple.add_argument("name")
+        ple.add_argument("assignments", nargs="*", metavar="KEY=VALUE",
+                         help="KEY= (empty) removes the key from the plan")
+        ple.add_argument("--description", help="new description")
+        plr = plsub.add_parser("remove", help="remove a plan no container uses")
+        plr.add_argument("name")
 
     if only in (None, "start"):
         s = cmd("start", "start containers")
@@ -272,9 +330,173 @@ def _size(n: int | None) -> str:
     return f"{n:.1f}T"
 
 
+def _assignments(pairs: list[str]) -> tuple[dict[str, str], list[str]]:
+    """KEY=VALUE items into (values to set, keys to unset for KEY=)."""
+    values: dict[str, str] = {}
+    unset: list[str] = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            from kamra.errors import InvalidInput
+
+            raise InvalidInput(f"invalid assignment {pair!r}: write KEY=VALUE, "
+                               "e.g. limits.memory=512M")
+        if value:
+            values[key] = value
+        else:
+            unset.append(key)
+    return values, unset
+
+
 def cmd_create(client: Client, a: argparse.Namespace) -> int:
+    values, unset = _assignments(a.config)
     client.request("POST", "/v1/containers", {"name": a.name, "template": a.template,
-                                              "hostname": a.hostname})
+                                              "hostname": a.hostname, "plan": a.plan,
+                                              "config": values})
+    return 0
+
+
+def _print_config(data: dict) -> None:
+    print(f"plan: {data.get('plan') or '-'}")
+    _table([[row["key"], row["display"], row["source"]] for row in data["config"]],
+           ["KEY", "VALUE", "SOURCE"])
+
+
+def cmd_set(client: Client, a: argparse.Namespace) -> int:
+    values, unset = _assignments(a.assignments)
+    if not values and not unset and not a.plan and not a.no_plan:
+        from kamra.errors import InvalidInput
+
+        raise InvalidInput("nothing to set: give KEY=VALUE items or --plan P, "
+                           "e.g. kamra set c1 limits.memory=512M")
+    client.request("POST", f"/v1/containers/{a.name}/config",
+                   {"set": values, "unset": unset, "plan": a.plan, "clear_plan": a.no_plan,
+                    "save": not a.no_save})
+    return 0
+
+
+def cmd_config(client: Client, a: argparse.Namespace) -> int:
+    if a.config_command == "keys":
+        data = client.request("GET", "/v1/config/keys")
+        if a.format == "json":
+            _json(data)
+        else:
+            _table([[k["key"], k["default"] or k["unset"], k["form"], k["doc"]]
+                    for k in data], ["KEY", "DEFAULT", "FORM", "MEANING"])
+        return 0
+    data = client.request("GET", f"/v1/containers/{a.name}/config")
+    if a.format == "json":
+        _json(data)
+    else:
+        _print_config(data)
+    return 0
+
+
+def _human(value: object, unit: str = "bytes") -> str:
+    if value is None:
+        return "n/a"
+    if not isinstance(value, int):
+        return str(value)
+    if unit != "bytes":
+        return str(value)
+    return _size(value)
+
+
+def cmd_beancounters(client: Client, a: argparse.Namespace) -> int:
+    path = "/v1/beancounters" + (f"?name={a.name}" if a.name else "")
+    rows = client.request("GET", path)
+    if a.format == "json":
+        _json(rows)
+        return 0
+    _table([[r["container"], r["resource"]] +
+            [_human(r[k], r["unit"]) for k in ("held", "maxheld", "barrier", "limit")] +
+            [_human(r["failcnt"], "count")] for r in rows],
+           ["CONTAINER", "RESOURCE", "HELD", "MAXHELD", "BARRIER", "LIMIT", "FAILCNT"])
+    return 0
+
+
+def _print_stats(s: dict, cpu_percent: float | None) -> None:
+    cpu, mem, pids, io = (s.get(k) or {} for k in ("cpu", "memory", "pids", "io"))
+    print(f"container {s['name']} ({s['state']})")
+    if cpu_percent is not None:
+        print(f"  cpu      {cpu_percent:6.1f}% of one core")
+    if cpu.get("usage_ns") is not None:
+        print(f"  cpu time {cpu['usage_ns'] / 1e9:.2f} s")
+    if mem:
+        print(f"  memory   {_human(mem.get('current'))} of {_human(mem.get('limit'))}  "
+              f"(anon {_human(mem.get('anon'))}, page cache {_human(mem.get('file'))}, "
+              f"kernel {_human(mem.get('kernel'))}, sockets {_human(mem.get('sock'))}, "
+              f"shm {_human(mem.get('shmem'))})")
+    if pids:
+        print(f"  pids     {pids.get('current')} of {pids.get('limit')}")
+    if io:
+        print(f"  io       read {_human(io.get('read_bytes'))} in {io.get('read_ops')} ops, "
+              f"written {_human(io.get('write_bytes'))} in {io.get('write_ops')} ops")
+    print(f"  disk     {_human(s['disk']['used'])} in {s['disk']['inodes']} inodes")
+
+
+def cmd_stats(client: Client, a: argparse.Namespace) -> int:
+    previous: tuple[float, int] | None = None
+    while True:
+        data = client.request("GET", f"/v1/containers/{a.name}/stats")
+        if a.format == "json":
+            _json(data)
+            if not a.watch:
+                return 0
+        else:
+            usage = (data.get("cpu") or {}).get("usage_ns")
+            now = time.monotonic()
+            percent = None
+            if previous and usage is not None:
+                percent = (usage - previous[1]) / 1e7 / max(now - previous[0], 1e-3)
+            if usage is not None:
+                previous = (now, usage)
+            if a.watch:
+                print("\033[H\033[J", end="")
+            _print_stats(data, percent)
+        if not a.watch:
+            return 0
+        time.sleep(1)
+
+
+def cmd_plan(client: Client, a: argparse.Namespace) -> int:
+    action = a.plan_command
+    if action == "list":
+        data = client.request("GET", "/v1/plans")
+        if a.format == "json":
+            _json(data)
+        else:
+            _table([[p["name"], "built-in" if p["builtin"] else "user",
+                     " ".join(f"{k.removeprefix('limits.')}={v}"
+                              for k, v in sorted(p["display"].items())) or "-",
+                     p["description"]] for p in data],
+                   ["NAME", "KIND", "LIMITS", "DESCRIPTION"])
+        return 0
+    if action == "show":
+        data = client.request("GET", f"/v1/plans/{a.name}")
+        if a.format == "json":
+            _json(data)
+        else:
+            print(f"name:        {data['name']} ({'built-in' if data['builtin'] else 'user'})")
+            print(f"description: {data['description'] or '-'}")
+            print(f"used by:     {', '.join(data['used_by']) or '-'}")
+            for key, value in sorted(data["display"].items()):
+                print(f"  {key} = {value}")
+        return 0
+    if action == "remove":
+        client.request("DELETE", f"/v1/plans/{a.name}")
+        return 0
+    values, unset = _assignments(a.assignments)
+    if action == "create":
+        if unset:
+            from kamra.errors import InvalidInput
+
+            raise InvalidInput(f"empty value for {unset[0]}: give KEY=VALUE")
+        client.request("POST", "/v1/plans", {"name": a.name, "values": values,
+                                             "description": a.description})
+    else:
+        client.request("POST", f"/v1/plans/{a.name}", {"set": values, "unset": unset,
+                                                       "description": a.description})
     return 0
 
 
@@ -489,7 +711,8 @@ COMMANDS = {
     "template": cmd_template, "create": cmd_create, "start": cmd_start, "stop": cmd_stop,
     "restart": cmd_restart, "destroy": cmd_destroy, "list": cmd_list, "status": cmd_status,
     "ps": cmd_ps, "exec": cmd_exec, "enter": cmd_enter, "console": cmd_console,
-    "run": cmd_run, "daemon": cmd_daemon,
+    "run": cmd_run, "daemon": cmd_daemon, "set": cmd_set, "config": cmd_config,
+    "plan": cmd_plan, "beancounters": cmd_beancounters, "stats": cmd_stats,
 }
 SESSION_COMMANDS = ("exec", "enter", "run")
 

@@ -159,7 +159,8 @@ class Handler(BaseHTTPRequestHandler):
     def create_container(self, query: dict) -> None:
         body = self._body()
         record = self.host.create(_str(body, "name"), _str(body, "template"),
-                                  body.get("hostname"))
+                                  body.get("hostname"), plan=body.get("plan") or None,
+                                  config=_dict(body, "config"))
         self._send(201, self.host.status(record.name))
 
     def get_container(self, query: dict, name: str) -> None:
@@ -216,6 +217,56 @@ class Handler(BaseHTTPRequestHandler):
             stdio=fds or None))
         if result is not None:
             fdpass.send(conn, result)
+
+    # -- configuration and plans ----------------------------------------------------------
+    def get_config(self, query: dict, name: str) -> None:
+        self._send(200, self.host.resources.show(name))
+
+    def set_config(self, query: dict, name: str) -> None:
+        body = self._body()
+        self._send(200, self.host.resources.set(
+            name, _dict(body, "set"), _list(body, "unset"), plan=body.get("plan") or None,
+            clear_plan=bool(body.get("clear_plan")), save=body.get("save", True) is not False))
+
+    def config_keys(self, query: dict) -> None:
+        from kamra.config.keys import KEYS
+
+        self._send(200, [KEYS[name].to_json() for name in sorted(KEYS)])
+
+    def container_stats(self, query: dict, name: str) -> None:
+        self._send(200, self.host.resources.stats(name))
+
+    def beancounters(self, query: dict) -> None:
+        names = [query["name"]] if query.get("name") else \
+            [r.name for r in self.host.store.list() if r.state == "running"]
+        rows: list[dict] = []
+        for name in names:
+            rows += self.host.resources.beancounters(name)
+        self._send(200, rows)
+
+    def list_plans(self, query: dict) -> None:
+        self._send(200, [p.to_json() for p in self.host.resources.plans.list()])
+
+    def get_plan(self, query: dict, name: str) -> None:
+        data = self.host.resources.plans.get(name).to_json()
+        data["used_by"] = self.host.resources.plan_users(name)
+        self._send(200, data)
+
+    def create_plan(self, query: dict) -> None:
+        body = self._body()
+        plan = self.host.resources.plan_create(_str(body, "name"), _dict(body, "values"),
+                                               body.get("description") or "")
+        self._send(201, plan.to_json())
+
+    def update_plan(self, query: dict, name: str) -> None:
+        body = self._body()
+        plan = self.host.resources.plan_update(name, _dict(body, "set"), _list(body, "unset"),
+                                               body.get("description"))
+        self._send(200, plan.to_json())
+
+    def delete_plan(self, query: dict, name: str) -> None:
+        self.host.resources.plan_remove(name)
+        self._send(200, {"ok": True})
 
     # -- templates ------------------------------------------------------------------------
     def list_templates(self, query: dict) -> None:
@@ -284,6 +335,20 @@ def _str(body: dict, key: str) -> str:
     return value
 
 
+def _dict(body: dict, key: str) -> dict:
+    value = body.get(key) or {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{key!r} must be an object of key: value")
+    return value
+
+
+def _list(body: dict, key: str) -> list:
+    value = body.get(key) or []
+    if not isinstance(value, list):
+        raise InvalidInput(f"{key!r} must be a list")
+    return value
+
+
 def _argv(body: dict, example: str) -> list[str]:
     argv = body.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
@@ -316,6 +381,16 @@ ROUTES: list[Route] = [
         ("POST", "/v1/containers/{name}/exec", Handler.exec_container),
         ("POST", "/v1/containers/{name}/console", Handler.console_container),
         ("POST", "/v1/run", Handler.run_container),
+        ("GET", "/v1/containers/{name}/config", Handler.get_config),
+        ("POST", "/v1/containers/{name}/config", Handler.set_config),
+        ("GET", "/v1/config/keys", Handler.config_keys),
+        ("GET", "/v1/containers/{name}/stats", Handler.container_stats),
+        ("GET", "/v1/beancounters", Handler.beancounters),
+        ("GET", "/v1/plans", Handler.list_plans),
+        ("POST", "/v1/plans", Handler.create_plan),
+        ("GET", "/v1/plans/{name}", Handler.get_plan),
+        ("POST", "/v1/plans/{name}", Handler.update_plan),
+        ("DELETE", "/v1/plans/{name}", Handler.delete_plan),
         ("GET", "/v1/templates", Handler.list_templates),
         ("POST", "/v1/templates", Handler.build_template),
         ("POST", "/v1/templates/import", Handler.import_template),

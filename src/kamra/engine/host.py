@@ -61,6 +61,9 @@ class Host:
         self.layout.ensure()
         self.store: StateStore = open_store("sqlite", self.layout.db)
         self.templates = TemplateStore(self.layout)
+        from kamra.engine.resources import Resources
+
+        self.resources = Resources(self)
         self.cgroups: CgroupDriver = driver_for_host(self.layout.root_id)
         self.keeper = KeeperClient(self.layout)
         self.keeper.ensure_running()
@@ -300,16 +303,23 @@ class Host:
     # -- containers -----------------------------------------------------------------------
     def create(self, name: str, template: str, hostname: str | None = None, *,
                init: list[str] | None = None, console: bool = True,
-               ephemeral: bool = False) -> ContainerRecord:
+               ephemeral: bool = False, plan: str | None = None,
+               config: dict[str, object] | None = None) -> ContainerRecord:
         check_name(name)
         check_name(template, "template")
         if hostname is not None:
             check_hostname(hostname)
         info = self.templates.get(template)
+        overrides = self.resources.parse(config or {})
+        if plan is not None:
+            check_name(plan, "plan")
+            self.resources.plans.get(plan)
+        self.resources.validate(plan, overrides)
         record = ContainerRecord(
             name=name, template=info.name, template_digest=info.digest,
             hostname=hostname or name, created_at=time.time(), init=list(init or []),
-            stop_signal=info.stop_signal, console=console, ephemeral=ephemeral)
+            stop_signal=info.stop_signal, console=console, ephemeral=ephemeral,
+            plan=plan, config=overrides)
         with self._lock(name):
             if self.store.get(name) is not None:
                 raise_exists(name)
@@ -360,6 +370,8 @@ class Host:
                 if standby is None:
                     self.cgroups.create(name)
                 revert.add("remove cgroup", self._remove_cgroup, name)
+                step = "apply limits"
+                self.resources.apply(record)
                 step = "start init"
                 with self._exit_cond:
                     self._exits.pop(name, None)
@@ -381,6 +393,11 @@ class Host:
         except KeeperError as exc:
             raise KamraError(f"starting {name!r} failed at step '{exc.message}'; "
                              "every earlier step was undone") from None
+        except KamraError as exc:
+            exc.message = (f"starting {name!r} failed at step '{step}': {exc.message}; "
+                           "every earlier step was undone")
+            exc.args = (exc.message,)
+            raise
         except OSError as exc:
             raise KamraError(f"starting {name!r} failed at step '{step}': "
                              f"{exc.strerror or exc}; every earlier step was undone") from None
@@ -489,7 +506,7 @@ class Host:
             "started_at": record.started_at if record.state in RUNNING_STATES else None,
             "stopped_at": record.stopped_at, "last_exit": record.last_exit,
             "console": record.console, "storage": record.storage,
-            "init": record.init or None,
+            "init": record.init or None, "plan": record.plan,
         }
 
     def status(self, name: str) -> dict:

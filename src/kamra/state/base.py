@@ -24,6 +24,7 @@ class ContainerRecord:
     stop_signal: str = "SIGTERM"
     console: bool = True  # False when the init's stdio belongs to a client (kamra run)
     ephemeral: bool = False  # destroyed when its init exits (kamra run --rm)
+    plan: str | None = None  # resource plan; the container's own overrides are in config
     config: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:

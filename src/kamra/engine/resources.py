@@ -1,0 +1,211 @@
+"""Resource management for the engine: effective configuration, plans, live limits.
+
+A container's effective configuration is built-in defaults <- its plan <- its own
+overrides (DESIGN.md, "Configuration model"). The kernel limits are derived from it
+and written by the cgroup driver when the container starts and whenever the
+configuration changes while it runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from kamra.config.keys import KEYS, check_consistency, format_value, parse_value
+from kamra.config.plans import Plan, PlanStore
+from kamra.config.resolve import effective, limits_only
+from kamra.errors import Conflict, InvalidInput
+from kamra.state import ContainerRecord
+
+if TYPE_CHECKING:
+    from kamra.engine.host import Host
+
+RUNNING = ("starting", "running", "stopping")
+IO_KEYS = ("limits.io.read_bps", "limits.io.write_bps", "limits.io.read_iops",
+           "limits.io.write_iops", "limits.io.weight")
+
+
+def check(values: dict[str, object]) -> None:
+    """Values that each parse but cannot be applied together, or not yet at all."""
+    check_consistency(values)
+    if values.get("limits.disk") is not None:
+        # Refused rather than stored and ignored: a quota that is not enforced is worse
+        # than none. The loop-backed ext4 storage that enforces it is still to come.
+        raise InvalidInput("limits.disk: disk quotas are not enforced yet: remove the key")
+
+
+class Resources:
+    def __init__(self, host: Host):
+        self.host = host
+        self.plans = PlanStore(host.layout)
+
+    # -- configuration --------------------------------------------------------------------
+    def parse(self, raw: dict[str, object]) -> dict[str, object]:
+        return {key: parse_value(key, value) for key, value in raw.items()}
+
+    def plan_values(self, plan: str | None) -> dict[str, object]:
+        return dict(self.plans.get(plan).values) if plan else {}
+
+    def effective(self, record: ContainerRecord) -> dict[str, tuple[object, str]]:
+        return effective(record.plan, self.plan_values(record.plan), record.config)
+
+    def limits(self, record: ContainerRecord) -> dict[str, object]:
+        return limits_only(self.effective(record))
+
+    def validate(self, plan: str | None, overrides: dict[str, object]) -> None:
+        values = {key: value for key, (value, _) in
+                  effective(plan, self.plan_values(plan), overrides).items()}
+        check(values)
+
+    def io_device(self, record: ContainerRecord, limits: dict[str, object]) -> str | None:
+        if not any(key in limits for key in IO_KEYS):
+            return None
+        from kamra.cgroups.limits import block_device_of
+
+        return block_device_of(os.path.join(self.host.layout.container_dir(record.name), "upper"))
+
+    def apply(self, record: ContainerRecord) -> None:
+        """Write the container's kernel limits (start, and live changes)."""
+        limits = self.limits(record)
+        self.host.cgroups.apply_limits(record.name, limits,
+                                       io_device=self.io_device(record, limits))
+
+    def show(self, name: str) -> dict:
+        record = self.host._record(name)
+        rows = []
+        for key, (value, source) in sorted(self.effective(record).items()):
+            rows.append({"key": key, "value": value,
+                         "display": format_value(key, value),
+                         "source": source, "doc": KEYS[key].doc})
+        return {"name": name, "plan": record.plan, "config": rows}
+
+    def set(self, name: str, values: dict[str, object], unset: list[str], *,
+            plan: str | None = None, clear_plan: bool = False, save: bool = True) -> dict:
+        """Change a container's configuration; live on a running one. All or nothing."""
+        parsed = self.parse(values)
+        for key in unset:
+            if key not in KEYS:
+                parse_value(key, "")  # raises the unknown-key error with a suggestion
+        with self.host._lock(name):
+            record = self.host._record(name)
+            new_plan = None if clear_plan else (plan or record.plan)
+            if new_plan:
+                self.plans.get(new_plan)
+            overrides = {k: v for k, v in record.config.items() if k not in unset}
+            overrides.update(parsed)
+            self.validate(new_plan, overrides)
+            candidate = ContainerRecord.from_json(record.to_json())
+            candidate.plan, candidate.config = new_plan, overrides
+            self._check_live(record, candidate)
+            if record.state in RUNNING:
+                self.apply(candidate)
+            if save:
+                self.host.store.update(candidate)
+        return self.show(name)
+
+    def _check_live(self, old: ContainerRecord, new: ContainerRecord) -> None:
+        if old.state not in RUNNING:
+            return
+        before, after = self.limits(old), self.limits(new)
+        for key in after.keys() | before.keys():
+            if before.get(key) != after.get(key) and not KEYS[key].live:
+                raise Conflict(f"{key} cannot change while {old.name!r} runs: stop it first")
+        disk_before, disk_after = before.get("limits.disk"), after.get("limits.disk")
+        if disk_before is not None and (disk_after is None or disk_after < disk_before):  # type: ignore[operator]
+            raise Conflict(f"limits.disk cannot shrink while {old.name!r} runs: "
+                           "stop it first, or grow it instead")
+
+    # -- plans --------------------------------------------------------------------------
+    def plan_users(self, plan: str) -> list[str]:
+        return [r.name for r in self.host.store.list() if r.plan == plan]
+
+    def plan_create(self, name: str, values: dict[str, object], description: str = "") -> Plan:
+        parsed = self.parse(values)
+        check(parsed)
+        self.plans.create(name, parsed, description)
+        return self.plans.get(name)
+
+    def plan_update(self, name: str, values: dict[str, object], unset: list[str],
+                    description: str | None = None) -> Plan:
+        """Change a plan; running containers that use it get the change live (unless they
+        override the key). A container whose limit cannot hold is reported, not skipped."""
+        parsed = self.parse(values)
+        old = self.plans.get(name)
+        merged = {k: v for k, v in old.values.items() if k not in unset}
+        merged.update(parsed)
+        check(merged)
+        users = [self.host.store.get(n) for n in self.plan_users(name)]
+        for record in users:
+            if record is not None:
+                check({k: v for k, (v, _) in effective(name, merged, record.config).items()})
+        plan = self.plans.update(name, parsed, unset, description)
+        failed = []
+        for record in users:
+            if record is None or record.state not in RUNNING:
+                continue
+            with self.host._lock(record.name):
+                current = self.host.store.get(record.name)
+                if current is None or current.state not in RUNNING:
+                    continue
+                try:
+                    self.apply(current)
+                except Exception as exc:  # noqa: BLE001 - report every container
+                    failed.append(f"{record.name}: {getattr(exc, 'message', exc)}")
+        if failed:
+            raise InvalidInput(f"plan {name!r} saved, but not applied to: {'; '.join(failed)}")
+        return plan
+
+    def plan_remove(self, name: str) -> None:
+        self.plans.remove(name, self.plan_users(name))
+
+    # -- accounting -----------------------------------------------------------------------
+    def disk_usage(self, name: str) -> tuple[int, int]:
+        """Bytes and inodes the container has written (its overlay upper layer).
+
+        Derived by walking the directory (the kernel keeps no per-directory counter);
+        maxheld and failcnt stay n/a until disk quotas are enforced."""
+        used = inodes = 0
+        top = os.path.join(self.host.layout.container_dir(name), "upper")
+        for dirpath, dirnames, filenames in os.walk(top):
+            for entry in dirnames + filenames:
+                try:
+                    st = os.lstat(os.path.join(dirpath, entry))
+                except OSError:
+                    continue
+                used += st.st_blocks * 512
+                inodes += 1
+        return used, inodes
+
+    def stats(self, name: str) -> dict:
+        record = self.host._record(name)
+        data: dict = {"name": name, "state": record.state}
+        if record.state in RUNNING:
+            data.update(self.host.cgroups.stats(name))
+        used, inodes = self.disk_usage(name)
+        data["disk"] = {"used": used, "inodes": inodes}
+        return data
+
+    def beancounters(self, name: str) -> list[dict]:
+        """OpenVZ-style rows: held, maxheld, barrier, limit, failcnt per resource."""
+        s = self.stats(name)
+        mem, swap = s.get("memory") or {}, s.get("swap") or {}
+        kmem, tcp, pids = s.get("kmem") or {}, s.get("kmem_tcp") or {}, s.get("pids") or {}
+        disk = s["disk"]
+        rows = [
+            ("physpages", "bytes", mem.get("current"), mem.get("peak"), mem.get("reservation"),
+             mem.get("limit"), mem.get("failcnt")),
+            ("swappages", "bytes", swap.get("current"), swap.get("peak"), None,
+             swap.get("limit"), swap.get("failcnt")),
+            ("kmemsize", "bytes", kmem.get("current"), kmem.get("peak"), None,
+             kmem.get("limit"), kmem.get("failcnt")),
+            ("tcpbuf", "bytes", tcp.get("current"), tcp.get("peak"), None, tcp.get("limit"),
+             tcp.get("failcnt")),
+            ("oomkills", "count", mem.get("oom_kill"), None, None, None, None),
+            ("numproc", "count", pids.get("current"), pids.get("peak"), None,
+             pids.get("limit"), pids.get("failcnt")),
+            ("diskspace", "bytes", disk["used"], None, None, None, None),
+            ("diskinodes", "count", disk["inodes"], None, None, None, None),
+        ]
+        return [{"container": name, "resource": r, "unit": unit, "held": held,
+                 "maxheld": maxheld, "barrier": barrier, "limit": limit, "failcnt": failcnt}
+                for r, unit, held, maxheld, barrier, limit, failcnt in rows]
