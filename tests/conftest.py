@@ -72,7 +72,8 @@ def _alive(pid: int | None) -> bool:
 def leftovers(layout: Layout) -> list[str]:
     problems = [f"mount {m}" for m in mounts_under(layout.root)]
     problems += [f"cgroup {c}" for c in cgroups_of(layout)]
-    for what, path in (("keeper", layout.keeper_pid), ("kamrad", layout.daemon_pid)):
+    for what, path in (("keeper", layout.keeper_pid), ("kamrad", layout.daemon_pid),
+                       ("lxcfs", os.path.join(layout.run, "lxcfs.pid"))):
         pid = _pid_from(path)
         if _alive(pid):
             problems.append(f"{what} pid {pid}")
@@ -81,7 +82,7 @@ def leftovers(layout: Layout) -> list[str]:
 
 def force_cleanup(layout: Layout) -> None:
     """Last resort after a failed test: end what this root started, by its recorded pids."""
-    for path in (layout.daemon_pid, layout.keeper_pid):
+    for path in (layout.daemon_pid, layout.keeper_pid, os.path.join(layout.run, "lxcfs.pid")):
         pid = _pid_from(path)
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)

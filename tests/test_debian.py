@@ -11,7 +11,7 @@ def test_debian_container_lifecycle(cli, debian_build):
     info = debian_build[0]
     install_template(cli.root, info.path, "debian")
     name = unique("d")
-    created = cli.run("create", name, "--template", "debian")
+    created = cli.run("create", name, "--template", "debian", "-c", "limits.memory=256M")
     assert created.returncode == 0, created.stderr
     cli.run("start", name, check=True)
     release = cli.run("exec", name, "--", "cat", "/etc/os-release").stdout
@@ -19,6 +19,9 @@ def test_debian_container_lifecycle(cli, debian_build):
     init = cli.run("exec", name, "--", "cat", "/proc/1/comm").stdout.strip()
     assert init == "systemd"
     assert cli.run("exec", name, "--", "hostname").stdout.strip() == name
+    # procps' free reads /proc/meminfo, which LXCFS answers with the container's limit.
+    total = cli.run("exec", name, "--", "free", "-b").stdout.splitlines()[1].split()[1]
+    assert int(total) == 256 << 20
     stopped = cli.run("stop", name, "--timeout", "30")
     assert stopped.returncode == 0, stopped.stderr
     status = cli.json("status", name)

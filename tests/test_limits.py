@@ -166,3 +166,47 @@ def test_bad_limits_are_refused_and_nothing_is_saved(cli, item, words):
     missing = cli.run("create", name, "--template", "busybox", "--plan", "nosuchplan")
     assert missing.returncode != 0 and "nosuchplan" in missing.stderr
     assert cli.json("list") == []
+
+
+def meminfo(cli, name: str) -> dict[str, int]:
+    # Now and then an lxcfs read comes back short under load (seen here, not understood
+    # yet; noted for the next session): read again rather than fail on it.
+    for _ in range(20):
+        out = cli.run("exec", name, "--", "cat", "/proc/meminfo", check=True).stdout
+        fields = {line.split(":")[0]: int(line.split()[1]) for line in out.splitlines()
+                  if len(line.split()) >= 2 and line.split()[1].isdigit()}
+        if "MemTotal" in fields and "MemFree" in fields:
+            return fields
+        time.sleep(0.1)
+    raise AssertionError(f"no whole /proc/meminfo from lxcfs: {out!r}")
+
+
+def test_proc_tells_the_container_its_own_limits(cli, root):
+    name = running(cli, "limits.memory=256M", "limits.cpu.set=0")
+    assert meminfo(cli, name)["MemTotal"] == 256 * 1024  # kB
+    before = meminfo(cli, name)["MemFree"]
+    cli.run("exec", name, "--", "sh", "-c",
+            "(x=$(head -c 100000000 /dev/zero | tr '\\0' a); sleep 1000) >/dev/null 2>&1 &",
+            check=True)
+    deadline = time.monotonic() + 10
+    while meminfo(cli, name)["MemFree"] > before - 80 * 1024 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert meminfo(cli, name)["MemFree"] <= before - 80 * 1024
+    cpus = cli.run("exec", name, "--", "grep", "-c", "^processor", "/proc/cpuinfo").stdout
+    assert cpus.strip() == "1"
+    for _ in range(20):  # lxcfs answers an empty read now and then under load: read again
+        fields = cli.run("exec", name, "--", "cat", "/proc/uptime").stdout.split()
+        if fields:
+            break
+        time.sleep(0.1)
+    with open("/proc/uptime") as f:
+        assert float(fields[0]) < float(f.read().split()[0])  # the container's, not the host's
+    # LXCFS is its own process: it keeps serving across a kamrad crash.
+    with open(os.path.join(root, "run", "lxcfs.pid")) as f:
+        lxcfs_pid = int(f.read())
+    with open(os.path.join(root, "run", "kamrad.pid")) as f:
+        os.kill(int(f.read()), 9)
+    time.sleep(0.2)
+    assert meminfo(cli, name)["MemTotal"] == 256 * 1024
+    with open(os.path.join(root, "run", "lxcfs.pid")) as f:
+        assert int(f.read()) == lxcfs_pid

@@ -67,6 +67,10 @@ class Host:
         self.cgroups: CgroupDriver = driver_for_host(self.layout.root_id)
         self.keeper = KeeperClient(self.layout)
         self.keeper.ensure_running()
+        from kamra.runtime.lxcfs import Lxcfs
+
+        self.lxcfs = Lxcfs(self.layout)
+        self.lxcfs.ensure()
         self._exits: dict[str, tuple[int, int]] = {}  # name -> (pid, wait status)
         self._exit_cond = threading.Condition()
         self._cleanups: queue.Queue[str | None] = queue.Queue()
@@ -267,6 +271,8 @@ class Host:
             self._watch_sock.close()
         for thread in self._threads:
             thread.join(timeout=5)
+        if not any(r.state in RUNNING_STATES for r in self.store.list()):
+            self.lxcfs.stop()  # containers use it; an idle root needs none
         self.cgroups.cleanup()  # removes kamra's per-root cgroup only if nothing uses it
         self.store.close()
 
@@ -329,7 +335,9 @@ class Host:
                                    "recorded: move it away first")
             with Revert() as revert:
                 revert.add("remove container dir", self.storage(record).destroy, container_dir)
-                self.storage(record).create(container_dir, info.rootfs)
+                self.storage(record).create(  # with limits.disk: makes its image
+                    container_dir, info.rootfs,
+                    quota=self.resources.limits(record).get("limits.disk"))  # type: ignore[arg-type]
                 self.store.insert(record)
                 revert.success()
         return record
@@ -361,6 +369,9 @@ class Host:
         step = "mount storage"
         try:
             with Revert() as revert:
+                step = "size disk image"  # limits.disk changed by a plan while stopped
+                self.resources.apply_disk(record)
+                step = "mount storage"
                 rootfs = storage.mount(container_dir, info.rootfs)
                 revert.add("unmount storage", storage.unmount, container_dir)
                 step = "write /etc/hostname"
@@ -381,6 +392,7 @@ class Host:
                     "console_log": os.path.join(container_dir, "console.log"),
                     "cgroup_procs": self.cgroups.procs_files(name),
                     "drop_caps": list(caps.DEFAULT_DROP), "standby": standby,
+                    "lxcfs": self.lxcfs.ensure(),
                 }, fds=stdio or ())
                 record.state = "running"
                 record.init_pid = reply["pid"]

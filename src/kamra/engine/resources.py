@@ -8,7 +8,6 @@ configuration changes while it runs.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from kamra.config.keys import KEYS, check_consistency, format_value, parse_value
@@ -16,6 +15,7 @@ from kamra.config.plans import Plan, PlanStore
 from kamra.config.resolve import effective, limits_only
 from kamra.errors import Conflict, InvalidInput
 from kamra.state import ContainerRecord
+from kamra.storage.base import DiskUsage
 
 if TYPE_CHECKING:
     from kamra.engine.host import Host
@@ -26,12 +26,8 @@ IO_KEYS = ("limits.io.read_bps", "limits.io.write_bps", "limits.io.read_iops",
 
 
 def check(values: dict[str, object]) -> None:
-    """Values that each parse but cannot be applied together, or not yet at all."""
+    """Values that each parse but cannot be applied together."""
     check_consistency(values)
-    if values.get("limits.disk") is not None:
-        # Refused rather than stored and ignored: a quota that is not enforced is worse
-        # than none. The loop-backed ext4 storage that enforces it is still to come.
-        raise InvalidInput("limits.disk: disk quotas are not enforced yet: remove the key")
 
 
 class Resources:
@@ -62,11 +58,25 @@ class Resources:
             return None
         from kamra.cgroups.limits import block_device_of
 
-        return block_device_of(os.path.join(self.host.layout.container_dir(record.name), "upper"))
+        container_dir = self.host.layout.container_dir(record.name)
+        return block_device_of(self.host.storage(record).upper_dir(container_dir))
+
+    def apply_disk(self, record: ContainerRecord, limits: dict[str, object] | None = None) -> None:
+        """Make the container's storage enforce its limits.disk (the storage's job, not the
+        cgroups'): at create and start, on a stopped container's change (which may move
+        its files or resize its image), and live (grow only). A no-op when it already does.
+        A live grow tried with --no-save lasts until the next start, which shrinks the image
+        back to the saved size (refusing to start if the data no longer fits)."""
+        if limits is None:
+            limits = self.limits(record)
+        quota = limits.get("limits.disk")
+        self.host.storage(record).set_quota(self.host.layout.container_dir(record.name),
+                                            quota)  # type: ignore[arg-type]
 
     def apply(self, record: ContainerRecord) -> None:
         """Write the container's kernel limits (start, and live changes)."""
         limits = self.limits(record)
+        self.apply_disk(record, limits)  # first: the one most likely to be refused
         self.host.cgroups.apply_limits(record.name, limits,
                                        io_device=self.io_device(record, limits))
 
@@ -99,6 +109,10 @@ class Resources:
             self._check_live(record, candidate)
             if record.state in RUNNING:
                 self.apply(candidate)
+            elif save:
+                # A stopped container's quota changes now, so that a shrink that cannot
+                # hold is refused before anything is saved.
+                self.apply_disk(candidate)
             if save:
                 self.host.store.update(candidate)
         return self.show(name)
@@ -111,9 +125,13 @@ class Resources:
             if before.get(key) != after.get(key) and not KEYS[key].live:
                 raise Conflict(f"{key} cannot change while {old.name!r} runs: stop it first")
         disk_before, disk_after = before.get("limits.disk"), after.get("limits.disk")
-        if disk_before is not None and (disk_after is None or disk_after < disk_before):  # type: ignore[operator]
+        if disk_before is not None and disk_after is not None and disk_after < disk_before:  # type: ignore[operator]
             raise Conflict(f"limits.disk cannot shrink while {old.name!r} runs: "
                            "stop it first, or grow it instead")
+        if (disk_before is None) != (disk_after is None):
+            what = "added" if disk_after is not None else "removed"
+            raise Conflict(f"limits.disk cannot be {what} while {old.name!r} runs (its files "
+                           "would move under a mounted overlay): stop it first")
 
     # -- plans --------------------------------------------------------------------------
     def plan_users(self, plan: str) -> list[str]:
@@ -159,30 +177,23 @@ class Resources:
         self.plans.remove(name, self.plan_users(name))
 
     # -- accounting -----------------------------------------------------------------------
-    def disk_usage(self, name: str) -> tuple[int, int]:
-        """Bytes and inodes the container has written (its overlay upper layer).
+    def disk_usage(self, record: ContainerRecord) -> DiskUsage:
+        """Bytes and inodes the container has written, and the hard limits on them.
 
-        Derived by walking the directory (the kernel keeps no per-directory counter);
-        maxheld and failcnt stay n/a until disk quotas are enforced."""
-        used = inodes = 0
-        top = os.path.join(self.host.layout.container_dir(name), "upper")
-        for dirpath, dirnames, filenames in os.walk(top):
-            for entry in dirnames + filenames:
-                try:
-                    st = os.lstat(os.path.join(dirpath, entry))
-                except OSError:
-                    continue
-                used += st.st_blocks * 512
-                inodes += 1
-        return used, inodes
+        With limits.disk: the quota image's filesystem counters (statvfs while mounted,
+        its superblock while stopped), limited by the image's size and inode count.
+        Without: a walk of the overlay upper dir (the kernel keeps no per-directory
+        counter), unlimited. maxheld and failcnt: n/a (no kernel counter keeps them)."""
+        return self.host.storage(record).usage(self.host.layout.container_dir(record.name))
 
     def stats(self, name: str) -> dict:
         record = self.host._record(name)
         data: dict = {"name": name, "state": record.state}
         if record.state in RUNNING:
             data.update(self.host.cgroups.stats(name))
-        used, inodes = self.disk_usage(name)
-        data["disk"] = {"used": used, "inodes": inodes}
+        disk = self.disk_usage(record)
+        data["disk"] = {"used": disk.used, "inodes": disk.inodes, "limit": disk.limit,
+                        "inodes_limit": disk.inodes_limit}
         return data
 
     def beancounters(self, name: str) -> list[dict]:
@@ -203,8 +214,8 @@ class Resources:
             ("oomkills", "count", mem.get("oom_kill"), None, None, None, None),
             ("numproc", "count", pids.get("current"), pids.get("peak"), None,
              pids.get("limit"), pids.get("failcnt")),
-            ("diskspace", "bytes", disk["used"], None, None, None, None),
-            ("diskinodes", "count", disk["inodes"], None, None, None, None),
+            ("diskspace", "bytes", disk["used"], None, None, disk["limit"], None),
+            ("diskinodes", "count", disk["inodes"], None, None, disk["inodes_limit"], None),
         ]
         return [{"container": name, "resource": r, "unit": unit, "held": held,
                  "maxheld": maxheld, "barrier": barrier, "limit": limit, "failcnt": failcnt}

@@ -159,7 +159,7 @@ def _finish_init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
                  report_w: int, go_r: int | None) -> None:
     """Build the root filesystem, wait for the launcher's go (if any), exec. Never returns."""
     try:
-        enter_rootfs(req["rootfs"], req["hostname"], console_fd)
+        enter_rootfs(req["rootfs"], req["hostname"], console_fd, req.get("lxcfs"))
         try:
             caps.drop(req.get("drop_caps", list(caps.DEFAULT_DROP)))
         except OSError as exc:

@@ -79,7 +79,17 @@ def _populate_dev(dev: str, console_fd: int | None) -> None:
         os.umask(old)
 
 
-def enter_rootfs(rootfs: str, hostname: str, console_fd: int | None) -> None:
+def _lxcfs_binds(rootfs: str, lxcfs: str) -> None:
+    from kamra.runtime.lxcfs import PROC_FILES
+
+    for name in PROC_FILES:
+        source = os.path.join(lxcfs, "proc", name)
+        if os.path.exists(source):
+            libc.mount(source, os.path.join(rootfs, "proc", name), None, MS_BIND)
+
+
+def enter_rootfs(rootfs: str, hostname: str, console_fd: int | None,
+                 lxcfs: str | None = None) -> None:
     """Mount /proc, /sys, /dev, /run, /tmp into ``rootfs`` and pivot_root into it."""
     # Private propagation: nothing we mount leaks to the host and the host's later
     # mounts do not appear in the container.
@@ -90,6 +100,8 @@ def enter_rootfs(rootfs: str, hostname: str, console_fd: int | None) -> None:
         _step(f"create /{sub}", _dir, os.path.join(rootfs, sub), mode)
     _step("mount /proc", libc.mount, "proc", os.path.join(rootfs, "proc"), "proc",
           MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    if lxcfs:
+        _step("bind lxcfs over /proc", _lxcfs_binds, rootfs, lxcfs)
     _step("mount /sys", libc.mount, "sysfs", os.path.join(rootfs, "sys"), "sysfs",
           MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _step("populate /dev", _populate_dev, os.path.join(rootfs, "dev"), console_fd)
