@@ -21,6 +21,7 @@ import uuid
 
 import pytest
 
+from kamra.linux import fdpass
 from kamra.paths import Layout
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
@@ -34,6 +35,28 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def unique(prefix: str = "c") -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def run_exec(host, name: str, argv: list[str]) -> tuple[int, str]:
+    """exec through the engine, stdout and stderr to a pipe: (exit code, output)."""
+    read_end, write_end = os.pipe()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    session = host.exec_session(name, argv, fds=[devnull, write_end, write_end])
+    os.close(write_end)
+    os.close(devnull)
+    code = None
+    with session:
+        while True:
+            message, _ = fdpass.recv(session)
+            if message is None:
+                break
+            if "exit" in message:
+                code = message["exit"]
+    output = b""
+    while chunk := os.read(read_end, 65536):
+        output += chunk
+    os.close(read_end)
+    return code, output.decode()
 
 
 def mounts_under(path: str) -> list[str]:

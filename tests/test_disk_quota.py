@@ -11,37 +11,14 @@ import re
 import time
 
 import pytest
-from conftest import mounts_under, unique
+from conftest import mounts_under, run_exec, unique
 
 from kamra.errors import Conflict
-from kamra.linux import fdpass
 from kamra.paths import Layout
 from kamra.storage.quota import CAP_SYS_RESOURCE, has_cap, loops_backed_by, wait_detached
 
 M = 1 << 20
 CAN_GROW_LIVE = has_cap(CAP_SYS_RESOURCE)  # the kernel's rule for resizing a mounted ext4
-
-
-def run_exec(host, name: str, argv: list[str]) -> tuple[int, str]:
-    """exec through the engine, stdout and stderr to a pipe: (exit code, output)."""
-    read_end, write_end = os.pipe()
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    session = host.exec_session(name, argv, fds=[devnull, write_end, write_end])
-    os.close(write_end)
-    os.close(devnull)
-    code = None
-    with session:
-        while True:
-            message, _ = fdpass.recv(session)
-            if message is None:
-                break
-            if "exit" in message:
-                code = message["exit"]
-    output = b""
-    while chunk := os.read(read_end, 65536):
-        output += chunk
-    os.close(read_end)
-    return code, output.decode()
 
 
 def container_dir(root: str, name: str) -> str:

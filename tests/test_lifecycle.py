@@ -7,32 +7,10 @@ import threading
 import time
 
 import pytest
-from conftest import mounts_under, unique
+from conftest import mounts_under, run_exec, unique
 
 from kamra.errors import AlreadyExists, Conflict, InvalidInput, KamraError, NotFound
-from kamra.linux import fdpass, proc
-
-
-def run_exec(host, name: str, argv: list[str]) -> tuple[int, str]:
-    """exec through the engine with a pipe as stdout; returns (exit code, output)."""
-    read_end, write_end = os.pipe()
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    session = host.exec_session(name, argv, fds=[devnull, write_end, write_end])
-    os.close(write_end)
-    os.close(devnull)
-    code = None
-    with session:
-        while True:
-            message, _ = fdpass.recv(session)
-            if message is None:
-                break
-            if "exit" in message:
-                code = message["exit"]
-    output = b""
-    while chunk := os.read(read_end, 65536):
-        output += chunk
-    os.close(read_end)
-    return code, output.decode()
+from kamra.linux import proc
 
 
 def test_create_is_copy_on_write(host):
