@@ -130,14 +130,17 @@ def test_cgroup_mode_detection_and_paths(tmp_path):
     assert v2.base == "/sys/fs/cgroup/user.slice/x/kamra-abcd"
 
 
-def test_cli_reference_is_current():
-    """docs/cli.md is generated from the parser: regenerate it when the CLI changes."""
+@pytest.mark.parametrize("script, doc", [("gen_cli_docs", "cli.md"),
+                                         ("gen_config_docs", "config.md")])
+def test_generated_reference_is_current(script, doc):
+    """docs/cli.md and docs/config.md are generated from the parser and the key registry:
+    regenerate them when the CLI, the keys or the plans change."""
     import importlib.util
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location(
-        "gen_cli_docs", os.path.join(here, "scripts", "gen_cli_docs.py"))
+        script, os.path.join(here, "scripts", f"{script}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    with open(os.path.join(here, "docs", "cli.md")) as f:
-        assert f.read() == module.render(), "run scripts/gen_cli_docs.py > docs/cli.md"
+    with open(os.path.join(here, "docs", doc)) as f:
+        assert f.read() == module.render(), f"run scripts/{script}.py > docs/{doc}"
