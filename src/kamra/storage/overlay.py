@@ -40,7 +40,6 @@ from kamra.storage.quota import (
     copy_tree,
     fsync_file,
     human,
-    image_bytes,
     syncfs,
 )
 
@@ -85,7 +84,7 @@ class OverlayStorage(StorageBackend):
             for sub in ("upper", "work"):
                 os.makedirs(os.path.join(container_dir, sub), mode=0o755, exist_ok=True)
         else:
-            self._make_image(container_dir, image_bytes(quota), None)
+            self._make_image(container_dir, quota, None)
 
     def _layers(self, container_dir: str) -> tuple[str, str]:
         base = container_dir
@@ -157,34 +156,30 @@ class OverlayStorage(StorageBackend):
     def set_quota(self, container_dir: str, quota: int | None) -> None:
         name = os.path.basename(container_dir)
         image = DiskImage(container_dir)
-        size = None if quota is None else image_bytes(quota)
         if image.is_mounted() or self.is_mounted(container_dir):
-            if image.exists() and size is not None:
-                if size < image.size():
-                    raise Conflict(f"limits.disk cannot shrink while {name!r} runs: "
-                                   "stop it first, or grow it instead")
-                image.grow_online(size, repr(name))
-            elif image.exists() != (size is not None):
-                what = "added" if size is not None else "removed"
+            if image.exists() and quota is not None:
+                image.set_limit_online(quota, repr(name))
+            elif image.exists() != (quota is not None):
+                what = "added" if quota is not None else "removed"
                 raise Conflict(f"limits.disk cannot be {what} while {name!r} runs (its "
                                "files would move under a mounted overlay): stop it first")
             return
         self._recover(container_dir)
-        if size is None:
+        if quota is None:
             if image.exists():
                 self._move_out(container_dir)
         elif image.exists():
-            image.resize_offline(size, repr(name))
+            image.set_limit_offline(quota, repr(name))
         else:
-            self._make_image(container_dir, size, os.path.join(container_dir, "upper"))
+            self._make_image(container_dir, quota, os.path.join(container_dir, "upper"))
 
-    def _make_image(self, container_dir: str, size: int, source: str | None) -> None:
+    def _make_image(self, container_dir: str, quota: int, source: str | None) -> None:
         """Make ``disk.img`` holding ``source`` as its upper dir (or an empty one)."""
         image = DiskImage(container_dir)
         new = DiskImage(container_dir, IMAGE + ".new")
         try:
-            new.make(size)
-            new.mount()
+            new.make(quota)
+            new.mount(quota)
             try:
                 disk = new.mountpoint
                 os.mkdir(os.path.join(disk, "work"), 0o755)
@@ -193,7 +188,7 @@ class OverlayStorage(StorageBackend):
                     st = os.statvfs(disk)
                     if used > st.f_bavail * st.f_frsize or inodes > st.f_favail:
                         raise Conflict(
-                            f"limits.disk={human(size)} is too small for "
+                            f"limits.disk={human(quota)} is too small for "
                             f"{os.path.basename(container_dir)!r}: it has written "
                             f"{human(used)} in {inodes} inodes, and the quota's filesystem "
                             f"holds {human(st.f_bavail * st.f_frsize)} in {st.f_favail}; "
@@ -204,6 +199,7 @@ class OverlayStorage(StorageBackend):
             finally:
                 new.unmount()
             fsync_file(new.path)
+            image.save_limit(quota)  # ignored (and removed by _recover) until the rename
             os.rename(new.path, image.path)  # the commit: from here on, the image is used
             _fsync_dir(container_dir)
         except BaseException:
@@ -229,7 +225,7 @@ class OverlayStorage(StorageBackend):
             image.unmount()
         os.unlink(image.path)  # the commit: from here on, the host's upper dir is used
         _fsync_dir(container_dir)
-        self._recover(container_dir)
+        self._recover(container_dir)  # finishes the move, removes disk.limit
 
     def _recover(self, container_dir: str) -> None:
         """Finish or undo a conversion a crash interrupted (never while mounted)."""
@@ -247,6 +243,8 @@ class OverlayStorage(StorageBackend):
                 if os.path.lexists(stale):
                     shutil.rmtree(stale)
             return
+        if os.path.lexists(image.limit_path):  # of an image never committed, or removed
+            os.unlink(image.limit_path)
         if os.path.isdir(staging):
             if os.path.lexists(upper):  # upper is in place: the staging copy is stale
                 shutil.rmtree(staging)

@@ -1,31 +1,39 @@
 """Disk quotas: a container's writable layer on its own loop-mounted ext4 image.
 
 OpenVZ's ploop idea, kept small. A container with ``limits.disk`` has
-``<container_dir>/disk.img``, a sparse file of exactly the quota's size (rounded down
-to the 4 KiB block) holding an ext4 filesystem; while the container runs the image is
-attached to a loop device and mounted at ``<container_dir>/disk``, and the overlay's
-``upper`` and ``work`` directories are ``disk/upper`` and ``disk/work``. Writing past
-the quota fails with ENOSPC inside the container; since the file never grows past its
-size, the host's disk holds at most the quota (less while the image is sparse, and
-deleting files inside punches holes again: the image is mounted with ``discard``).
-The image's size is the hard limit, whatever capabilities the container holds
-(reserved blocks and ext4 quotas are bypassed by CAP_SYS_RESOURCE; a block device's
-end is not).
+``<container_dir>/disk.img``, a sparse file holding an ext4 filesystem; while the
+container runs the image is attached to a loop device and mounted at
+``<container_dir>/disk``, and the overlay's ``upper`` and ``work`` directories are
+``disk/upper`` and ``disk/work``. Writing past the quota fails with ENOSPC inside the
+container and the host's disk is untouched.
+
+The image is made larger than the quota (``ceiling``: four times it, at least 16 GiB;
+sparse, so that costs nothing) and the quota itself is ext4's own ``reserved_clusters``
+(/sys/fs/ext4/<dev>/reserved_clusters): clusters no allocation may take, whoever asks --
+unlike the root-reserved blocks and ext4 quotas, CAP_SYS_RESOURCE does not bypass them
+(ext4_has_free_clusters). Reserving everything past the quota leaves exactly the quota
+to write. Changing the reservation is one write to sysfs, which is what makes growing a
+running container's quota work on any host: resizing a mounted ext4
+(EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE, which some hosts (this project's CI among
+them) withhold. ``df`` inside shows the image's size with the quota as "Avail".
+
+The quota is kept beside the image in ``disk.limit`` (the reservation lives in kernel
+memory only and is set again at every mount).
 
 Loop devices are attached with ``LO_FLAGS_AUTOCLEAR``: the kernel detaches one when
 its last user goes, so unmounting the image (or a crash of the process that attached
 it before it mounted) leaves no loop device behind. Direct I/O is asked for, so the
-image's pages are not cached twice.
+image's pages are not cached twice; the image is mounted with ``discard``, so deleting
+files inside punches holes in it again.
 
 Resizing:
-  * growing a mounted image: extend the file, ``LOOP_SET_CAPACITY``, then
-    ``EXT4_IOC_RESIZE_FS`` (what ``resize2fs`` does online). The kernel allows that
-    only with CAP_SYS_RESOURCE; without it the grow is refused with that reason before
-    anything changes.
-  * any change of an unmounted image: ``e2fsck -f -p`` then ``resize2fs`` (which also
-    refuses a size below what the data needs: the refusal names the used size and the
-    smallest possible size). resize2fs works in place: a crash in the middle of a
-    shrink can damage the image (as with ``vzctl set --diskspace`` on ploop).
+  * a quota within the image's room, mounted or not: only the reservation changes.
+  * a quota past that room, mounted: extend the file, ``LOOP_SET_CAPACITY``, then
+    ``EXT4_IOC_RESIZE_FS`` (what ``resize2fs`` does online), which needs
+    CAP_SYS_RESOURCE; without it the grow is refused with that reason before anything
+    changes. Unmounted: ``e2fsck -f -p`` then ``resize2fs``.
+  * a quota below what the container already holds is refused, naming the used size;
+    a running container's quota never shrinks (the contract of ``kamra set``).
 
 mkfs of a sparse image takes milliseconds (no inode tables are written:
 ``assume_storage_prezeroed``, true of a fresh sparse file).
@@ -37,7 +45,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -68,9 +75,18 @@ MKFS_OPTIONS = ["-q", "-F", "-b", str(BLOCK), "-T", "default", "-m", "0",
 MOUNT_OPTIONS = "discard"
 
 
-def image_bytes(quota: int) -> int:
-    """The image size enforcing ``quota``: whole filesystem blocks, never more."""
-    return quota // BLOCK * BLOCK
+MIN_CEILING = 16 << 30
+LIMIT = "disk.limit"
+
+
+def ceiling(quota: int) -> int:
+    """The image size for ``quota``: room for the quota to grow fourfold while running."""
+    return max(MIN_CEILING, 4 * quota) // BLOCK * BLOCK
+
+
+def default_reserve(blocks: int) -> int:
+    """ext4's own reservation for a filesystem of ``blocks`` (2%, at most 4096)."""
+    return min(blocks // 50, 4096)
 
 
 def human(n: int) -> str:
@@ -194,6 +210,7 @@ class DiskImage:
     def __init__(self, container_dir: str, name: str = IMAGE):
         self.path = os.path.join(container_dir, name)
         self.mountpoint = os.path.join(container_dir, MOUNT)
+        self.limit_path = os.path.join(container_dir, LIMIT)
 
     def exists(self) -> bool:
         return os.path.isfile(self.path)
@@ -204,16 +221,55 @@ class DiskImage:
     def is_mounted(self) -> bool:
         return os.path.ismount(self.mountpoint)
 
-    def make(self, size: int) -> None:
-        """A fresh sparse image of ``size`` bytes with an empty ext4 filesystem."""
+    def limit(self) -> int:
+        """The quota in bytes (an image made before disk.limit existed: its size)."""
+        try:
+            with open(self.limit_path) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return self.size()
+
+    def save_limit(self, quota: int) -> None:
+        """Write ``disk.limit`` atomically (the engine's config stays the record)."""
+        temp = self.limit_path + ".tmp"
+        with open(temp, "w") as f:
+            f.write(f"{quota // BLOCK * BLOCK}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temp, self.limit_path)
+
+    def make(self, quota: int) -> None:
+        """A fresh sparse image with an empty ext4 filesystem, room for ``quota``."""
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, size)
+            os.ftruncate(fd, ceiling(quota))
         finally:
             os.close(fd)
         _run(["mkfs.ext4", *MKFS_OPTIONS, self.path], f"mkfs.ext4 {self.path}")
 
-    def mount(self) -> None:
+    def _reserve_file(self) -> str:
+        return f"/sys/fs/ext4/{os.path.basename(device_of(self.mountpoint))}/reserved_clusters"
+
+    def room(self) -> int:
+        """Mounted: the most data the filesystem can hold, in bytes (statvfs's f_blocks:
+        the blocks less ext4's own metadata)."""
+        st = os.statvfs(self.mountpoint)
+        return st.f_blocks * st.f_frsize
+
+    def enforce(self, quota: int) -> None:
+        """Mounted: reserve every block past ``quota`` so that no write can take it."""
+        st = os.statvfs(self.mountpoint)
+        blocks = quota // st.f_frsize
+        reserve = st.f_blocks - blocks if blocks < st.f_blocks else default_reserve(st.f_blocks)
+        try:
+            with open(self._reserve_file(), "w") as f:
+                f.write(str(reserve))
+        except OSError as exc:
+            raise KernelError.from_oserror(f"reserve the space past the quota of {self.path}",
+                                           exc) from None
+
+    def mount(self, quota: int | None = None) -> None:
+        """Mount and enforce ``quota`` (default: the saved one)."""
         if self.is_mounted():
             return
         if not wait_detached(self.path):
@@ -230,6 +286,11 @@ class DiskImage:
             raise KernelError.from_oserror(f"mount {self.path}", exc) from None
         finally:
             os.close(fd)  # the mount holds the device now; after a failure, it goes
+        try:
+            self.enforce(self.limit() if quota is None else quota)
+        except BaseException:
+            self.unmount()
+            raise
 
     def unmount(self) -> None:
         """Unmount; the loop device then goes away (autoclear). Idempotent."""
@@ -247,13 +308,37 @@ class DiskImage:
         if self.is_mounted():
             st = os.statvfs(self.mountpoint)
             return Usage(used=(st.f_blocks - st.f_bfree) * st.f_frsize,
-                         total=self.size(), inodes=st.f_files - st.f_ffree,
+                         total=self.limit(), inodes=st.f_files - st.f_ffree,
                          inodes_total=st.f_files)
         sb = read_superblock(self.path)
         data_blocks = sb["blocks"] - sb["overhead"]
         return Usage(used=(data_blocks - sb["free_blocks"]) * sb["block_size"],
-                     total=self.size(), inodes=sb["inodes"] - sb["free_inodes"],
+                     total=self.limit(), inodes=sb["inodes"] - sb["free_inodes"],
                      inodes_total=sb["inodes"])
+
+    def _too_small(self, quota: int, what: str) -> Conflict:
+        usage = self.usage()
+        return Conflict(f"limits.disk={human(quota)} is too small for {what}: it uses "
+                        f"{human(usage.used)} in {usage.inodes} inodes; "
+                        "free space inside first, or choose a larger size")
+
+    def set_limit_online(self, quota: int, what: str) -> None:
+        """Change the mounted image's quota, live: growing only."""
+        if quota < self.limit():
+            raise Conflict(f"limits.disk cannot shrink while {what} runs: "
+                           "stop it first, or grow it instead")
+        if quota > self.room():
+            self.grow_online(ceiling(quota), what)
+        self.enforce(quota)
+        self.save_limit(quota)
+
+    def set_limit_offline(self, quota: int, what: str) -> None:
+        """Change the unmounted image's quota: refused below what it holds."""
+        if quota < self.usage().used:
+            raise self._too_small(quota, what)
+        if ceiling(quota) > self.size():
+            self.grow_offline(ceiling(quota), what)
+        self.save_limit(quota)
 
     def grow_online(self, size: int, what: str) -> None:
         """Grow the mounted image's filesystem to ``size`` bytes, live."""
@@ -294,28 +379,14 @@ class DiskImage:
                 pass
             raise KernelError.from_oserror(f"grow {self.path} to {human(size)}", exc) from None
 
-    def resize_offline(self, size: int, what: str) -> None:
-        """Grow or shrink the unmounted image to ``size`` bytes.
-
-        A shrink below what the data needs is refused (Conflict), naming the used size."""
-        if self.size() == size:
+    def grow_offline(self, size: int, what: str) -> None:
+        """Grow the unmounted image's filesystem to ``size`` bytes."""
+        if self.size() >= size:
             return
         _run(["e2fsck", "-f", "-p", self.path], f"e2fsck {self.path}")
-        if size < self.size():
-            usage = self.usage()
-            result = subprocess.run([_tool("resize2fs"), "-P", self.path], capture_output=True,
-                                    text=True, stdin=subprocess.DEVNULL, check=False)
-            found = re.search(r"minimum size of the filesystem:\s*(\d+)", result.stdout)
-            minimum = int(found.group(1)) * BLOCK if found else usage.used
-            if size < minimum or size < usage.used:
-                raise Conflict(f"limits.disk={human(size)} is too small for {what}: it uses "
-                               f"{human(usage.used)} in {usage.inodes} inodes, and its "
-                               f"filesystem cannot shrink below {human(minimum)}; "
-                               "free space inside first, or choose a larger size")
+        with open(self.path, "r+b") as f:
+            f.truncate(size)
         _run(["resize2fs", self.path, f"{size // 1024}K"], f"resize2fs {self.path}")
-        if self.size() != size:
-            with open(self.path, "r+b") as f:
-                f.truncate(size)
 
 
 def read_superblock(path: str) -> dict[str, int]:
