@@ -299,3 +299,23 @@ def test_a_deep_data_root_works(busybox_cache):
         if leftovers(Layout.at(root)):
             force_cleanup(Layout.at(root))
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_setting_the_host_does_not_honour_is_said(cli, root):
+    """limits.io.weight works only under BFQ: kamra saves it and says so, not silently."""
+    from kamra.cgroups.limits import bfq_active, block_device_of, io_scheduler
+
+    device = block_device_of(root)
+    name = unique()
+    created = cli.run("create", name, "--template", "busybox", "-c", "limits.io.weight=500")
+    assert created.returncode == 0, created.stderr
+    shown = cli.json("config", "show", name)
+    if bfq_active(device):
+        assert shown["notes"] == [] and "note:" not in created.stderr
+    else:
+        assert "note: limits.io.weight has no effect" in created.stderr
+        assert repr(io_scheduler(device) or "unknown") in created.stderr
+        assert len(shown["notes"]) == 1 and "BFQ" in shown["notes"][0]
+        assert "note:" in cli.run("set", name, "limits.io.weight=300").stderr
+    assert "note:" not in cli.run("set", name, "limits.io.weight=").stderr  # unset: no note
+    cli.run("destroy", name, check=True)

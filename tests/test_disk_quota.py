@@ -241,3 +241,26 @@ def test_files_that_do_not_fit_refuse_the_quota(host, root):
     assert not os.path.exists(image(root, name))
     assert {"upper", "work"} <= set(os.listdir(container_dir(root, name)))
     assert "limits.disk" not in host.store.get(name).config
+
+
+def test_a_plan_change_a_running_container_cannot_take_is_refused_whole(cli, root):
+    plan = unique("p")
+    cli.run("plan", "create", plan, "limits.disk=64M", "limits.pids=50", check=True)
+    name = unique()
+    cli.run("create", name, "--template", "busybox", "--plan", plan, check=True)
+    cli.run("start", name, check=True)
+    shrink = cli.run("plan", "edit", plan, "limits.disk=32M", "limits.pids=40")
+    assert shrink.returncode == Conflict.exit_code, shrink.stderr
+    assert f"plan {plan!r} not changed" in shrink.stderr and name in shrink.stderr
+    assert "cannot shrink" in shrink.stderr
+    shown = cli.json("plan", "show", plan)
+    assert shown["values"]["limits.disk"] == 64 * M and shown["values"]["limits.pids"] == 50
+    assert saved_limit(root, name) == 64 * M
+    # Growing through the plan reaches the running container live.
+    cli.run("plan", "edit", plan, "limits.disk=96M", check=True)
+    assert saved_limit(root, name) == 96 * M
+    result, written = fill(cli, name, "/fill", 120)
+    assert "No space left on device" in result.stdout + result.stderr
+    assert 90 * M <= written <= 96 * M
+    cli.run("destroy", "--force", name, check=True)
+    cli.run("plan", "remove", plan, check=True)

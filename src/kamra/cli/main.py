@@ -350,16 +350,24 @@ def _assignments(pairs: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def cmd_create(client: Client, a: argparse.Namespace) -> int:
     values, unset = _assignments(a.config)
-    client.request("POST", "/v1/containers", {"name": a.name, "template": a.template,
-                                              "hostname": a.hostname, "plan": a.plan,
-                                              "config": values})
+    data = client.request("POST", "/v1/containers", {"name": a.name, "template": a.template,
+                                                     "hostname": a.hostname, "plan": a.plan,
+                                                     "config": values})
+    _print_notes(data)
     return 0
+
+
+def _print_notes(data: dict) -> None:
+    """Settings saved but not honoured by this host: said, never silently ignored."""
+    for note in data.get("notes") or ():
+        print(f"kamra: note: {note}", file=sys.stderr)
 
 
 def _print_config(data: dict) -> None:
     print(f"plan: {data.get('plan') or '-'}")
     _table([[row["key"], row["display"], row["source"]] for row in data["config"]],
            ["KEY", "VALUE", "SOURCE"])
+    _print_notes(data)
 
 
 def cmd_set(client: Client, a: argparse.Namespace) -> int:
@@ -369,9 +377,10 @@ def cmd_set(client: Client, a: argparse.Namespace) -> int:
 
         raise InvalidInput("nothing to set: give KEY=VALUE items or --plan P, "
                            "e.g. kamra set c1 limits.memory=512M")
-    client.request("POST", f"/v1/containers/{a.name}/config",
-                   {"set": values, "unset": unset, "plan": a.plan, "clear_plan": a.no_plan,
-                    "save": not a.no_save})
+    data = client.request("POST", f"/v1/containers/{a.name}/config",
+                          {"set": values, "unset": unset, "plan": a.plan,
+                           "clear_plan": a.no_plan, "save": not a.no_save})
+    _print_notes(data)
     return 0
 
 

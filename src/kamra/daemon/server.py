@@ -161,7 +161,9 @@ class Handler(BaseHTTPRequestHandler):
         record = self.host.create(_str(body, "name"), _str(body, "template"),
                                   body.get("hostname"), plan=body.get("plan") or None,
                                   config=_dict(body, "config"))
-        self._send(201, self.host.status(record.name))
+        status = self.host.status(record.name)
+        status["notes"] = self.host.resources.notes(record)
+        self._send(201, status)
 
     def get_container(self, query: dict, name: str) -> None:
         self._send(200, self.host.status(name))

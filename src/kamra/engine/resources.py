@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kamra.cgroups.limits import io_scheduler, whole_disk
 from kamra.config.keys import KEYS, check_consistency, format_value, parse_value
 from kamra.config.plans import Plan, PlanStore
 from kamra.config.resolve import effective, limits_only
-from kamra.errors import Conflict, InvalidInput
+from kamra.errors import Conflict, InvalidInput, KamraError
 from kamra.state import ContainerRecord
 from kamra.storage.base import DiskUsage
 
@@ -28,6 +29,21 @@ IO_KEYS = ("limits.io.read_bps", "limits.io.write_bps", "limits.io.read_iops",
 def check(values: dict[str, object]) -> None:
     """Values that each parse but cannot be applied together."""
     check_consistency(values)
+
+
+def check_live_change(name: str, before: dict[str, object], after: dict[str, object]) -> None:
+    """Refuse a change of a running container's limits that cannot be made live."""
+    for key in after.keys() | before.keys():
+        if before.get(key) != after.get(key) and not KEYS[key].live:
+            raise Conflict(f"{key} cannot change while {name!r} runs: stop it first")
+    disk_before, disk_after = before.get("limits.disk"), after.get("limits.disk")
+    if disk_before is not None and disk_after is not None and disk_after < disk_before:  # type: ignore[operator]
+        raise Conflict(f"limits.disk cannot shrink while {name!r} runs: "
+                       "stop it first, or grow it instead")
+    if (disk_before is None) != (disk_after is None):
+        what = "added" if disk_after is not None else "removed"
+        raise Conflict(f"limits.disk cannot be {what} while {name!r} runs (its files "
+                       "would move under a mounted overlay): stop it first")
 
 
 class Resources:
@@ -65,8 +81,8 @@ class Resources:
         """Make the container's storage enforce its limits.disk (the storage's job, not the
         cgroups'): at create and start, on a stopped container's change (which may move
         its files or resize its image), and live (grow only). A no-op when it already does.
-        A live grow tried with --no-save lasts until the next start, which shrinks the image
-        back to the saved size (refusing to start if the data no longer fits)."""
+        A live grow tried with --no-save lasts until the next start, which sets the saved
+        quota again (refusing to start if the data no longer fits)."""
         if limits is None:
             limits = self.limits(record)
         quota = limits.get("limits.disk")
@@ -87,7 +103,28 @@ class Resources:
             rows.append({"key": key, "value": value,
                          "display": format_value(key, value),
                          "source": source, "doc": KEYS[key].doc})
-        return {"name": name, "plan": record.plan, "config": rows}
+        return {"name": name, "plan": record.plan, "config": rows,
+                "notes": self.notes(record)}
+
+    def notes(self, record: ContainerRecord) -> list[str]:
+        """Settings that are saved and written but that the host will not honour."""
+        limits = self.limits(record)
+        if "limits.io.weight" not in limits:
+            return []
+        try:
+            device = self.io_device(record, limits)
+        except KamraError:
+            return []
+        if device is None or self.host.cgroups.io_weight_effective(device):
+            return []
+        scheduler = io_scheduler(device) or "unknown"
+        try:
+            disk = whole_disk(device)
+        except KamraError:
+            disk = device
+        return [f"limits.io.weight has no effect on {disk} (the container's disk): its I/O "
+                f"scheduler is {scheduler!r} and only BFQ honours weights "
+                f"(echo bfq > /sys/block/{disk}/queue/scheduler)"]
 
     def set(self, name: str, values: dict[str, object], unset: list[str], *,
             plan: str | None = None, clear_plan: bool = False, save: bool = True) -> dict:
@@ -118,20 +155,8 @@ class Resources:
         return self.show(name)
 
     def _check_live(self, old: ContainerRecord, new: ContainerRecord) -> None:
-        if old.state not in RUNNING:
-            return
-        before, after = self.limits(old), self.limits(new)
-        for key in after.keys() | before.keys():
-            if before.get(key) != after.get(key) and not KEYS[key].live:
-                raise Conflict(f"{key} cannot change while {old.name!r} runs: stop it first")
-        disk_before, disk_after = before.get("limits.disk"), after.get("limits.disk")
-        if disk_before is not None and disk_after is not None and disk_after < disk_before:  # type: ignore[operator]
-            raise Conflict(f"limits.disk cannot shrink while {old.name!r} runs: "
-                           "stop it first, or grow it instead")
-        if (disk_before is None) != (disk_after is None):
-            what = "added" if disk_after is not None else "removed"
-            raise Conflict(f"limits.disk cannot be {what} while {old.name!r} runs (its files "
-                           "would move under a mounted overlay): stop it first")
+        if old.state in RUNNING:
+            check_live_change(old.name, self.limits(old), self.limits(new))
 
     # -- plans --------------------------------------------------------------------------
     def plan_users(self, plan: str) -> list[str]:
@@ -154,8 +179,15 @@ class Resources:
         check(merged)
         users = [self.host.store.get(n) for n in self.plan_users(name)]
         for record in users:
-            if record is not None:
-                check({k: v for k, (v, _) in effective(name, merged, record.config).items()})
+            if record is None:
+                continue
+            after = effective(name, merged, record.config)
+            check({k: v for k, (v, _) in after.items()})
+            if record.state in RUNNING:
+                try:
+                    check_live_change(record.name, self.limits(record), limits_only(after))
+                except Conflict as exc:
+                    raise Conflict(f"plan {name!r} not changed: {exc.message}") from None
         plan = self.plans.update(name, parsed, unset, description)
         failed = []
         for record in users:
