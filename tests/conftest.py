@@ -4,6 +4,12 @@ Every test gets its own temporary root (so its own keeper, kamrad, cgroups and
 mounts); teardown stops and destroys whatever the test left running, then the
 root is checked for leftovers (mounts, cgroups, processes) and the test fails if
 anything is left. Nothing here mocks the kernel.
+
+The whole session runs in a network namespace of its own (made in pytest_configure,
+gone when pytest exits): containers are networked by default, and the routes,
+forwarding and nftables rules that takes are never made in the machine's own
+namespace, which has a real uplink. Only the Debian build goes back to the machine's
+namespace, to reach the package mirror.
 """
 
 from __future__ import annotations
@@ -21,16 +27,71 @@ import uuid
 
 import pytest
 
-from kamra.linux import fdpass
+from kamra.linux import fdpass, libc
 from kamra.paths import Layout
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
+MACHINE_NETNS: int | None = None  # the machine's own network namespace, for the mirror
+MACHINE_FORWARDING = ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding")
+_machine_forwarding: list[str] = []
+
+
+def _read_all(paths: tuple[str, ...]) -> list[str]:
+    values = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                values.append(f.read().strip())
+        except OSError:
+            values.append("?")
+    return values
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    global MACHINE_NETNS
     config.addinivalue_line("markers", "slow: builds a Debian template (needs the mirror)")
     if os.geteuid() != 0:
         raise pytest.UsageError("kamra's tests create real containers: run them as root")
+    if MACHINE_NETNS is None:
+        _machine_forwarding[:] = _read_all(MACHINE_FORWARDING)
+        MACHINE_NETNS = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        libc.unshare(libc.CLONE_NEWNET)  # before any thread: every later one inherits it
+        libc.interface_up("lo")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The machine's own namespace must come out as it went in: fail the run otherwise."""
+    if MACHINE_NETNS is None:
+        return
+    after = in_machine_netns(_read_all, MACHINE_FORWARDING)
+    if after != _machine_forwarding:
+        print(f"\nthe machine's forwarding sysctls changed during the tests: "
+              f"{_machine_forwarding} -> {after}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def in_machine_netns(func, *args):
+    """Run ``func`` in a thread in the machine's network namespace (processes it starts
+    are there too): only to download, never to route or filter."""
+    import threading
+
+    result: dict = {}
+
+    def body() -> None:
+        try:
+            libc.setns(MACHINE_NETNS, libc.CLONE_NEWNET)
+            result["value"] = func(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            result["error"] = exc
+
+    thread = threading.Thread(target=body, name="machine-netns")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
 
 
 def unique(prefix: str = "c") -> str:
@@ -180,7 +241,7 @@ def debian_build():
     store = TemplateStore(layout)
     events: list[dict] = []
     began = time.monotonic()
-    info = store.build("debian", progress=events.append)
+    info = in_machine_netns(lambda: store.build("debian", progress=events.append))
     yield info, events, time.monotonic() - began, store
     shutil.rmtree(path, ignore_errors=True)
 
@@ -217,9 +278,14 @@ def host(root, busybox_cache):
 class Cli:
     """Runs the real kamra command line against a private root."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, netns: int | None = None):
         self.root = root
         self.env = dict(os.environ, KAMRA_ROOT=root, PYTHONPATH=SRC)
+        self.netns = netns  # run (and so autostart kamrad) in this network namespace
+
+    def _enter(self) -> None:
+        if self.netns is not None:
+            libc.setns(self.netns, libc.CLONE_NEWNET)
 
     def run(self, *args: str, input: str | bytes | None = None, timeout: float = 60,
             check: bool = False) -> subprocess.CompletedProcess:
@@ -227,7 +293,9 @@ class Cli:
         # No input means an empty stdin: never pytest's own, which may be a terminal.
         result = subprocess.run([sys.executable, "-m", "kamra.cli.main", *args],
                                 input="" if input is None else input, capture_output=True,
-                                text=text, env=self.env, timeout=timeout)
+                                text=text, env=self.env, timeout=timeout,
+                                preexec_fn=self._enter if self.netns is not None else None,
+                                pass_fds=() if self.netns is None else (self.netns,))
         if check and result.returncode != 0:
             raise AssertionError(f"kamra {' '.join(args)} failed ({result.returncode}): "
                                  f"{result.stderr}")
@@ -242,6 +310,11 @@ def cli(root, busybox_cache):
     install_template(root, busybox_cache)
     c = Cli(root)
     yield c
+    cli_teardown(c, root)
+
+
+def cli_teardown(c: Cli, root: str) -> None:
+    """Destroy what a test left, stop its kamrad and wait for its keeper to go."""
     try:
         listing = json.loads(c.run("list", "--format", "json", timeout=30).stdout or "[]")
     except (ValueError, subprocess.TimeoutExpired):

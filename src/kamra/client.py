@@ -92,10 +92,28 @@ class Client:
         return _connect(self.socket_path, self.timeout)
 
     def start_daemon(self, wait: float = 30) -> None:
-        import subprocess  # only here: it costs milliseconds on every other command
+        import fcntl
 
         run_dir = os.path.join(self.root, "run")
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        # Clients that find no kamrad at the same moment start one between them: the
+        # first takes the lock and starts it, the others wait and then find it serving.
+        lock = os.open(os.path.join(run_dir, "kamrad.start.lock"),
+                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                _connect(self.socket_path, 1).close()
+                return  # started by another client while this one waited
+            except OSError:
+                pass
+            self._spawn_daemon(run_dir, wait)
+        finally:
+            os.close(lock)
+
+    def _spawn_daemon(self, run_dir: str, wait: float) -> None:
+        import subprocess  # only here: it costs milliseconds on every other command
+
         log = os.open(os.path.join(run_dir, "kamrad.log"),
                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:

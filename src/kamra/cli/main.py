@@ -30,7 +30,7 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 COMMAND_NAMES = ("template", "create", "start", "stop", "restart", "destroy", "list", "status",
                  "ps", "exec", "enter", "console", "run", "daemon", "set", "config", "plan",
-                 "beancounters", "stats")
+                 "beancounters", "stats", "network", "port")
 
 
 def _command_word(argv: list[str]) -> str | None:
@@ -100,6 +100,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         c.add_argument("--plan", help="resource plan (see 'kamra plan list')")
         c.add_argument("-c", "--config", action="append", default=[], metavar="KEY=VALUE",
                        help="set a config key, e.g. -c limits.memory=512M (repeatable)")
+        c.add_argument("--ip", metavar="ADDR",
+                       help="a fixed IPv4 address from the pool (same as -c net.ipv4=ADDR; "
+                            "default: the pool's next free address)")
 
     if only in (None, "set"):
         se = cmd("set", "change a container's config and limits; live on a running one")
@@ -154,6 +157,32 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         ple.add_argument("--description", help="new description")
         plr = plsub.add_parser("remove", help="remove a plan no container uses")
         plr.add_argument("name")
+
+    if only in (None, "network"):
+        nw = cmd("network", "the host's container network: pools, addresses, checks")
+        nwsub = nw.add_subparsers(dest="network_command", metavar="ACTION")
+        nwsub.required = True
+        fmt(nwsub.add_parser("show", help="the address pools, the bridge and every "
+                                          "container's addresses and port forwards"))
+        fmt(nwsub.add_parser("check", help="look for another firewall on the host that "
+                                           "drops containers' forwarded traffic"))
+    if only in (None, "port"):
+        po = cmd("port", "port forwards from the host to a container")
+        posub = po.add_subparsers(dest="port_command", metavar="ACTION")
+        posub.required = True
+        pa = posub.add_parser("add", help="forward HOSTPORT on the host to CTPORT in the "
+                                          "container: kamra port add web 8080:80/tcp")
+        pa.add_argument("name")
+        pa.add_argument("spec", metavar="HOSTPORT:CTPORT[/tcp|/udp]")
+        pa.add_argument("--host-ip", help="only traffic to this host address (default: all)")
+        pls_ = posub.add_parser("list", help="list port forwards (of one container or all)")
+        pls_.add_argument("name", nargs="?")
+        fmt(pls_)
+        pr = posub.add_parser("remove", help="remove a port forward: kamra port remove web "
+                                             "8080/tcp")
+        pr.add_argument("name")
+        pr.add_argument("spec", metavar="HOSTPORT[/tcp|/udp]")
+        pr.add_argument("--host-ip", help="the host address the forward was added with")
 
     if only in (None, "start"):
         s = cmd("start", "start containers")
@@ -349,7 +378,7 @@ def _assignments(pairs: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def cmd_create(client: Client, a: argparse.Namespace) -> int:
-    values, unset = _assignments(a.config)
+    values, unset = _assignments(a.config + ([f"net.ipv4={a.ip}"] if a.ip else []))
     data = client.request("POST", "/v1/containers", {"name": a.name, "template": a.template,
                                                      "hostname": a.hostname, "plan": a.plan,
                                                      "config": values})
@@ -716,12 +745,63 @@ def cmd_daemon(client: Client, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_network(client: Client, a: argparse.Namespace) -> int:
+    if a.network_command == "check":
+        problems = client.request("GET", "/v1/network/check")
+        if a.format == "json":
+            _json(problems)
+        elif not problems:
+            print("no other firewall on this host drops containers' forwarded traffic")
+        for line in problems if a.format != "json" else ():
+            print(line)
+        return 1 if problems else 0
+    data = client.request("GET", "/v1/network")
+    if a.format == "json":
+        _json(data)
+        return 0
+    config = data["config"]
+    print(f"ipv4 pool: {config['ipv4_pool']} (gateway {config['ipv4_gateway']})")
+    print(f"ipv6 pool: {config['ipv6_pool'] or '-'}")
+    print(f"bridge: {config['bridge']}    uplink: {config['uplink'] or '-'}    "
+          f"nameservers: {', '.join(config['nameservers']) or 'the host' + chr(39) + 's'}")
+    print()
+    _table([[row["address"], row["container"]] for row in data["allocations"]],
+           ["ADDRESS", "CONTAINER"])
+    if data["forwards"]:
+        print()
+        _print_forwards(data["forwards"])
+    return 0
+
+
+def _print_forwards(rows: list[dict]) -> None:
+    _table([[f"{r['host_ip'] or '*'}:{r['host_port']}", r["proto"], r["container"],
+             str(r["ct_port"])] for r in rows], ["HOST", "PROTO", "CONTAINER", "PORT"])
+
+
+def cmd_port(client: Client, a: argparse.Namespace) -> int:
+    if a.port_command == "list":
+        path = "/v1/ports" + (f"?name={a.name}" if a.name else "")
+        rows = client.request("GET", path)
+        if a.format == "json":
+            _json(rows)
+        else:
+            _print_forwards(rows)
+        return 0
+    body = {"spec": a.spec, "host_ip": a.host_ip}
+    if a.port_command == "add":
+        client.request("POST", f"/v1/containers/{a.name}/ports", body)
+    else:
+        client.request("POST", f"/v1/containers/{a.name}/ports/remove", body)
+    return 0
+
+
 COMMANDS = {
     "template": cmd_template, "create": cmd_create, "start": cmd_start, "stop": cmd_stop,
     "restart": cmd_restart, "destroy": cmd_destroy, "list": cmd_list, "status": cmd_status,
     "ps": cmd_ps, "exec": cmd_exec, "enter": cmd_enter, "console": cmd_console,
     "run": cmd_run, "daemon": cmd_daemon, "set": cmd_set, "config": cmd_config,
     "plan": cmd_plan, "beancounters": cmd_beancounters, "stats": cmd_stats,
+    "network": cmd_network, "port": cmd_port,
 }
 SESSION_COMMANDS = ("exec", "enter", "run")
 

@@ -106,6 +106,89 @@ def _cpus_exist(value: object, host: HostInfo) -> None:
                        f"use CPUs from {host.online_text}")
 
 
+NET_MODES = ("routed", "bridge", "none")
+_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
+
+
+def _net_mode(raw: object) -> str:
+    text = str(raw).strip().lower()
+    if text not in NET_MODES:
+        raise BadValue(f"unknown network mode {str(raw)!r}")
+    return text
+
+
+def _bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise BadValue(f"{str(raw)!r} is not true or false")
+
+
+def _bool_str(value: object) -> str:
+    return "true" if value else "false"
+
+
+def _address(version: int) -> Callable[[object], object]:
+    def parse(raw: object) -> str:
+        import ipaddress
+
+        text = str(raw).strip()
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise BadValue(f"{text!r} is not an IPv{version} address") from None
+        if address.version != version:
+            raise BadValue(f"{text!r} is not an IPv{version} address")
+        if address.is_multicast or address.is_unspecified or address.is_loopback:
+            raise BadValue(f"{text} cannot be a container's address")
+        return str(address)
+    return parse
+
+
+def _nameservers(raw: object) -> list[str]:
+    import ipaddress
+
+    items = raw if isinstance(raw, list) else str(raw).replace(",", " ").split()
+    if not items:
+        raise BadValue("no address given")
+    result = []
+    for item in items:
+        try:
+            result.append(str(ipaddress.ip_address(str(item).strip())))
+        except ValueError:
+            raise BadValue(f"{str(item)!r} is not an IP address") from None
+    return result
+
+
+def _nameservers_str(value: object) -> str:
+    return ",".join(value)  # type: ignore[arg-type]
+
+
+def _rate(raw: object) -> int:
+    """Bits per second, as tc writes them: 10mbit, 1gbit, 500kbit (base 1000)."""
+    import re
+
+    text = str(raw).strip().lower()
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?bit)?", text)
+    if not found:
+        raise BadValue(f"invalid rate {str(raw)!r}")
+    value = int(float(found.group(1)) * _RATE_UNITS[found.group(2) or "bit"])
+    if value < 8000:
+        raise BadValue(f"{text} is below the minimum of 8kbit")
+    return value
+
+
+def rate_to_str(value: object) -> str:
+    for unit in ("tbit", "gbit", "mbit", "kbit"):
+        if value % _RATE_UNITS[unit] == 0:  # type: ignore[operator]
+            return f"{value // _RATE_UNITS[unit]}{unit}"  # type: ignore[operator]
+    return f"{value}bit"
+
+
 def _size_str(value: object) -> str:
     return size_to_str(value)  # type: ignore[arg-type]
 
@@ -123,9 +206,12 @@ _RATE_FORM = "bytes per second, or a size per second like 10M; more than 0"
 
 def _key(name: str, doc: str, parse: Callable[[object], object], *, unit: str, form: str,
          fmt: Callable[[object], str] = str, unset: str = "unlimited", live: bool = True,
-         **extra: object) -> Key:
-    return Key(name=name, doc=doc, parse=parse, default=None, live=live, unit=unit, format=fmt,
-               form=form, unset=unset, **extra)  # type: ignore[arg-type]
+         default: object = None, **extra: object) -> Key:
+    return Key(name=name, doc=doc, parse=parse, default=default, live=live, unit=unit,
+               format=fmt, form=form, unset=unset, **extra)  # type: ignore[arg-type]
+
+
+_BITRATE_FORM = "a rate like 10mbit, 500kbit or 1gbit (bits per second, base 1000)"
 
 
 KEYS: dict[str, Key] = {k.name: k for k in (
@@ -163,6 +249,28 @@ KEYS: dict[str, Key] = {k.name: k for k in (
          _size(MIN_DISK), unit="bytes",
          fmt=_size_str, form=f"a size of at least {size_to_str(MIN_DISK)}, like 10G",
          unset="unlimited (the host's disk)", grow_only_live=True),
+    _key("limits.net.egress", "bandwidth of the traffic the container sends",
+         _rate, unit="bit/s", fmt=rate_to_str, form=_BITRATE_FORM),
+    _key("limits.net.ingress", "bandwidth of the traffic the container receives",
+         _rate, unit="bit/s", fmt=rate_to_str, form=_BITRATE_FORM),
+    _key("net.mode", "how the container is networked: routed (a veth with a host route, "
+         "OpenVZ venet style), bridge (a veth on the host bridge) or none (loopback only)",
+         _net_mode, unit="", form="routed, bridge or none", default="routed", live=False),
+    _key("net.ipv4", "the container's IPv4 address (kamra create --ip)", _address(4),
+         unit="", form="an IPv4 address in the host's pool, like 10.73.0.5", live=False,
+         unset="the next free address of the pool"),
+    _key("net.ipv6", "the container's IPv6 address (where an IPv6 pool is configured)",
+         _address(6), unit="", form="an IPv6 address in the host's IPv6 pool", live=False,
+         unset="the next free address of the IPv6 pool, if there is one"),
+    _key("net.nat", "masquerade the container's traffic leaving through other interfaces",
+         _bool, unit="", fmt=_bool_str, form="true or false", default=True),
+    _key("net.isolated", "block traffic between this container and other containers "
+         "(the host and the outside stay reachable)", _bool, unit="", fmt=_bool_str,
+         form="true or false", default=False),
+    _key("net.nameservers", "the nameservers written to the container's /etc/resolv.conf",
+         _nameservers, unit="", fmt=_nameservers_str,
+         form="IP addresses separated by commas, like 192.0.2.53,2001:db8::53",
+         live=False, unset="the host's (or the network config's)"),
 )}
 
 

@@ -246,6 +246,26 @@ class Handler(BaseHTTPRequestHandler):
             rows += self.host.resources.beancounters(name)
         self._send(200, rows)
 
+    def network_show(self, query: dict) -> None:
+        self._send(200, self.host.network.show())
+
+    def network_check(self, query: dict) -> None:
+        self._send(200, self.host.network.check())
+
+    def list_ports(self, query: dict) -> None:
+        self._send(200, self.host.network.port_list(query.get("name") or None))
+
+    def add_port(self, query: dict, name: str) -> None:
+        body = self._body()
+        forward = self.host.network.port_add(name, _str(body, "spec"),
+                                             body.get("host_ip") or None)
+        self._send(201, forward.to_json())
+
+    def remove_port(self, query: dict, name: str) -> None:
+        body = self._body()
+        self.host.network.port_remove(name, _str(body, "spec"), body.get("host_ip") or None)
+        self._send(200, {"ok": True})
+
     def list_plans(self, query: dict) -> None:
         self._send(200, [p.to_json() for p in self.host.resources.plans.list()])
 
@@ -388,6 +408,11 @@ ROUTES: list[Route] = [
         ("GET", "/v1/config/keys", Handler.config_keys),
         ("GET", "/v1/containers/{name}/stats", Handler.container_stats),
         ("GET", "/v1/beancounters", Handler.beancounters),
+        ("GET", "/v1/network", Handler.network_show),
+        ("GET", "/v1/network/check", Handler.network_check),
+        ("GET", "/v1/ports", Handler.list_ports),
+        ("POST", "/v1/containers/{name}/ports", Handler.add_port),
+        ("POST", "/v1/containers/{name}/ports/remove", Handler.remove_port),
         ("GET", "/v1/plans", Handler.list_plans),
         ("POST", "/v1/plans", Handler.create_plan),
         ("GET", "/v1/plans/{name}", Handler.get_plan),

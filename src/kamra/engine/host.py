@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from kamra.cgroups import CgroupDriver, driver_for_host
+from kamra.engine.etcfiles import write_hostname
 from kamra.engine.locks import locked
 from kamra.engine.revert import Revert
 from kamra.errors import Conflict, InvalidInput, KamraError, NotFound, ResourceBusy
@@ -64,6 +65,9 @@ class Host:
         from kamra.engine.resources import Resources
 
         self.resources = Resources(self)
+        from kamra.engine.network import Networking
+
+        self.network = Networking(self)
         self.cgroups: CgroupDriver = driver_for_host(self.layout.root_id)
         self.keeper = KeeperClient(self.layout)
         self.keeper.ensure_running()
@@ -83,6 +87,7 @@ class Host:
         if watch:
             self._start_watcher()
         self.reconcile()
+        self.network.reconcile()
         self._drop_stale_standbys()
         self._refill_standby()
 
@@ -339,6 +344,9 @@ class Host:
                     container_dir, info.rootfs,
                     quota=self.resources.limits(record).get("limits.disk"))  # type: ignore[arg-type]
                 self.store.insert(record)
+                revert.add("forget the container", self.store.delete, name)
+                revert.add("release addresses", self.network.release, name)
+                self.network.assign(record)
                 revert.success()
         return record
 
@@ -375,7 +383,9 @@ class Host:
                 rootfs = storage.mount(container_dir, info.rootfs)
                 revert.add("unmount storage", storage.unmount, container_dir)
                 step = "write /etc/hostname"
-                _write_hostname(rootfs, record.hostname)
+                write_hostname(rootfs, record.hostname)
+                step = "write /etc/hosts and /etc/resolv.conf"
+                self.network.write_files(record, rootfs)
                 step = "create cgroup"
                 standby = self._take_standby(name)
                 if standby is None:
@@ -383,17 +393,27 @@ class Host:
                 revert.add("remove cgroup", self._remove_cgroup, name)
                 step = "apply limits"
                 self.resources.apply(record)
+                step = "set up the network"
+                netns_fd = self.network.prepare(record)
+                revert.add("remove the network", self.network.teardown, record)
                 step = "start init"
                 with self._exit_cond:
                     self._exits.pop(name, None)
-                reply = self.keeper.request({
-                    "op": "spawn", "name": name, "rootfs": rootfs, "hostname": record.hostname,
-                    "argv": argv, "console": console,
-                    "console_log": os.path.join(container_dir, "console.log"),
-                    "cgroup_procs": self.cgroups.procs_files(name),
-                    "drop_caps": list(caps.DEFAULT_DROP), "standby": standby,
-                    "lxcfs": self.lxcfs.ensure(),
-                }, fds=stdio or ())
+                fds = list(stdio or ())
+                if netns_fd is not None:
+                    fds.append(netns_fd)
+                try:
+                    reply = self.keeper.request({
+                        "op": "spawn", "name": name, "rootfs": rootfs,
+                        "hostname": record.hostname, "argv": argv, "console": console,
+                        "console_log": os.path.join(container_dir, "console.log"),
+                        "cgroup_procs": self.cgroups.procs_files(name),
+                        "drop_caps": list(caps.DEFAULT_DROP), "standby": standby,
+                        "lxcfs": self.lxcfs.ensure(), "netns": netns_fd is not None,
+                    }, fds=fds)
+                finally:
+                    if netns_fd is not None:
+                        os.close(netns_fd)  # the init holds the namespace now
                 record.state = "running"
                 record.init_pid = reply["pid"]
                 record.init_start = reply["start"]
@@ -476,6 +496,10 @@ class Host:
         """Release a stopped container's resources. Idempotent."""
         name = record.name
         self._remove_cgroup(name)
+        try:
+            self.network.teardown(record)
+        except KamraError as exc:  # the rest of the stop must still happen
+            log.warning("removing the network of %s: %s", name, exc.message)
         self.storage(record).unmount(self.layout.container_dir(name))
         try:
             self.keeper.request({"op": "forget", "name": name})
@@ -507,10 +531,13 @@ class Host:
 
     def _destroy_locked(self, record: ContainerRecord) -> None:
         self.storage(record).destroy(self.layout.container_dir(record.name))
+        self.network.release(record.name)
         self.store.delete(record.name)
 
     # -- queries --------------------------------------------------------------------------
-    def _status(self, record: ContainerRecord) -> dict:
+    def _status(self, record: ContainerRecord, addresses: dict[str, str] | None = None) -> dict:
+        if addresses is None:
+            addresses = self.store.addresses()
         return {
             "name": record.name, "state": record.state, "template": record.template,
             "template_digest": record.template_digest, "hostname": record.hostname,
@@ -519,13 +546,15 @@ class Host:
             "stopped_at": record.stopped_at, "last_exit": record.last_exit,
             "console": record.console, "storage": record.storage,
             "init": record.init or None, "plan": record.plan,
+            "addresses": [a for a, holder in addresses.items() if holder == record.name],
         }
 
     def status(self, name: str) -> dict:
         return self._status(self._record(name))
 
     def list(self) -> list[dict]:
-        return [self._status(r) for r in self.store.list()]
+        addresses = self.store.addresses()
+        return [self._status(r, addresses) for r in self.store.list()]
 
     def template_users(self, template: str) -> list[str]:
         return [r.name for r in self.store.list() if r.template == template]
@@ -634,24 +663,6 @@ def raise_exists(name: str) -> None:
 
 def _generated_name() -> str:
     return "run-" + os.urandom(4).hex()
-
-
-def _write_hostname(rootfs: str, hostname: str) -> None:
-    """Give the container its name in /etc/hostname, as LXC does: an OS init (systemd,
-    an rcS script) sets the hostname from it and would otherwise undo ours."""
-    etc = os.path.join(rootfs, "etc")
-    path = os.path.join(etc, "hostname")
-    if not os.path.isdir(etc) or os.path.islink(etc) or os.path.islink(path):
-        return  # never follow a link the container controls
-    try:
-        with open(path) as f:
-            if f.read().strip() == hostname:
-                return
-    except OSError:
-        pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(hostname + "\n")
 
 
 def _passwd_names(path: str) -> dict[int, str]:

@@ -93,8 +93,11 @@ class Resources:
         """Write the container's kernel limits (start, and live changes)."""
         limits = self.limits(record)
         self.apply_disk(record, limits)  # first: the one most likely to be refused
-        self.host.cgroups.apply_limits(record.name, limits,
-                                       io_device=self.io_device(record, limits))
+        # limits.disk is the storage's, limits.net.* the network's (tc on the veth).
+        kernel = {k: v for k, v in limits.items()
+                  if k != "limits.disk" and not k.startswith("limits.net.")}
+        self.host.cgroups.apply_limits(record.name, kernel,
+                                       io_device=self.io_device(record, kernel))
 
     def show(self, name: str) -> dict:
         record = self.host._record(name)
@@ -146,7 +149,9 @@ class Resources:
             self._check_live(record, candidate)
             if record.state in RUNNING:
                 self.apply(candidate)
+                self.host.network.apply_policy(candidate)
             elif save:
+                self.host.network.readdress(record, candidate)
                 # A stopped container's quota changes now, so that a shrink that cannot
                 # hold is refused before anything is saved.
                 self.apply_disk(candidate)
@@ -199,6 +204,7 @@ class Resources:
                     continue
                 try:
                     self.apply(current)
+                    self.host.network.apply_policy(current)
                 except Exception as exc:  # noqa: BLE001 - report every container
                     failed.append(f"{record.name}: {getattr(exc, 'message', exc)}")
         if failed:

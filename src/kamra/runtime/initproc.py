@@ -11,6 +11,10 @@ container's cgroup. The launcher then exits, the init is re-parented to the keep
 
 Both report over a close-on-exec pipe: ``pid N`` from the launcher, ``error ...``
 from either; EOF with no error means the init exec'd.
+
+A container with networking gets its network namespace from kamrad, already wired
+(veth, addresses, routes: kamra.network), as a descriptor the init joins with setns
+before it mounts /sys; without one, the init makes an empty namespace of its own.
 """
 
 from __future__ import annotations
@@ -35,13 +39,15 @@ DEFAULT_ENV = {
 
 
 def launcher(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
-             report_w: int) -> None:
+             report_w: int, netns_fd: int | None = None) -> None:
     """First child: never returns."""
     code = 1
     try:
         keep = {report_w, *stdio}
         if console_fd is not None:
             keep.add(console_fd)
+        if netns_fd is not None:
+            keep.add(netns_fd)
         child.clean_slate(keep)
         child.set_name("kamra-launch")
         try:
@@ -52,8 +58,10 @@ def launcher(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
         pid = os.fork()
         if pid == 0:
             os.close(go_w)
-            init(req, stdio, console_fd, report_w, go_r)
+            init(req, stdio, console_fd, report_w, go_r, netns_fd)
         os.close(go_r)
+        if netns_fd is not None:
+            os.close(netns_fd)
         try:
             child.write_cgroup_procs(req.get("cgroup_procs", []), pid)
         except OSError as exc:
@@ -133,25 +141,41 @@ def _waiting_init(sock: socket.socket) -> None:
     if req is None or len(fds) < 4:
         os._exit(0)
     report_w, stdio = fds[0], (fds[1], fds[2], fds[3])
-    console_fd = fds[4] if len(fds) > 4 else None
+    console_fd = fds[4] if req.get("console_fd") else None
+    netns_fd = fds[-1] if req.get("netns") else None
     try:
         libc.unshare(libc.CLONE_NEWNS)
     except OSError as exc:
         child.report_and_exit(report_w, f"create mount namespace: {exc.strerror}", 1)
+    _join_netns(netns_fd, report_w)
     _finish_init(req, stdio, console_fd, report_w, None)
 
 
+def _join_netns(netns_fd: int | None, report_w: int) -> None:
+    """Join the network namespace kamrad wired for the container (replacing the empty
+    one a standby made ahead of time)."""
+    if netns_fd is None:
+        return
+    try:
+        libc.setns(netns_fd, libc.CLONE_NEWNET)
+    except OSError as exc:
+        child.report_and_exit(report_w, f"join network namespace: {exc.strerror}", 1)
+    os.close(netns_fd)
+
+
 def init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
-         report_w: int, go_r: int) -> None:
+         report_w: int, go_r: int, netns_fd: int | None = None) -> None:
     """Second child, pid 1 of the new pid namespace: set up and exec the init."""
     try:
         os.setsid()
         try:
-            libc.unshare(INIT_NAMESPACES)
+            libc.unshare(INIT_NAMESPACES if netns_fd is None
+                         else INIT_NAMESPACES & ~libc.CLONE_NEWNET)
         except OSError as exc:
             raise StepFailed("create namespaces", exc) from exc
     except StepFailed as exc:
         child.report_and_exit(report_w, str(exc), 1)
+    _join_netns(netns_fd, report_w)
     _finish_init(req, stdio, console_fd, report_w, go_r)
 
 

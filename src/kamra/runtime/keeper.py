@@ -295,6 +295,8 @@ class Keeper:
             if old.status is None:
                 raise RuntimeError(f"{name} is already running (pid {old.pid})")
             self._drop(old)
+        # kamrad's wired network namespace travels last (kamra.network).
+        netns_fd = fds.pop() if req.get("netns") and fds else None
         master = slave = None
         if req.get("console", True):
             master, slave = libc.open_pty_peer("/dev/ptmx")
@@ -307,19 +309,22 @@ class Keeper:
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         spare = self.standbys.pop(req.get("standby") or "", None)
         if spare is not None:
-            handed = [report_w, *stdio] + ([slave] if slave is not None else [])
+            handed = [report_w, *stdio] + ([slave] if slave is not None else []) + \
+                ([netns_fd] if netns_fd is not None else [])
             try:
-                fdpass.send(spare.ctrl, req, handed)
+                fdpass.send(spare.ctrl, {**req, "console_fd": slave is not None}, handed)
             finally:
                 spare.ctrl.close()
         else:
             pid = os.fork()
             if pid == 0:
-                launcher(req, stdio, slave, report_w)
+                launcher(req, stdio, slave, report_w, netns_fd)
             self.helpers.add(pid)
         os.close(report_w)
         for fd in fds:
             os.close(fd)
+        if netns_fd is not None:
+            os.close(netns_fd)
         os.set_blocking(report_r, False)
         self.pending[report_r] = PendingSpawn(conn, req, master, slave)
         self.sel.register(report_r, selectors.EVENT_READ, ("report", report_r))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 
@@ -36,8 +37,22 @@ class ContainerRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+@dataclass(frozen=True)
+class Forward:
+    """A port forward: traffic to the host's ``host_port`` goes to the container's."""
+
+    container: str
+    proto: str  # tcp | udp
+    host_port: int
+    ct_port: int
+    host_ip: str = ""  # "" = every host address
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 class StateStore(ABC):
-    """Atomic, durable storage of container records."""
+    """Atomic, durable storage of container records, address allocations and forwards."""
 
     @abstractmethod
     def insert(self, record: ContainerRecord) -> None:
@@ -54,6 +69,32 @@ class StateStore(ABC):
 
     @abstractmethod
     def list(self) -> list[ContainerRecord]: ...
+
+    # -- IP address management: an address is held by at most one container, ever ----------
+    @abstractmethod
+    def allocate_address(self, container: str, candidates: Iterable[str],
+                         wanted: str | None = None) -> str:
+        """Hold ``wanted`` (Conflict naming the holder if taken) or the first candidate
+        nobody holds (Conflict when none is left), atomically across processes."""
+
+    @abstractmethod
+    def release_addresses(self, container: str) -> None: ...
+
+    @abstractmethod
+    def addresses(self) -> dict[str, str]:
+        """Every held address -> its container."""
+
+    # -- port forwards -----------------------------------------------------------------------
+    @abstractmethod
+    def add_forward(self, forward: Forward) -> None:
+        """Conflict if another forward holds the same proto, host address and port."""
+
+    @abstractmethod
+    def remove_forward(self, container: str, proto: str, host_port: int,
+                       host_ip: str = "") -> bool: ...
+
+    @abstractmethod
+    def forwards(self, container: str | None = None) -> list[Forward]: ...
 
     @abstractmethod
     def close(self) -> None: ...
