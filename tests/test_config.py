@@ -92,6 +92,12 @@ def test_size_round_trip(value):
     ("limits.io.read_bps", "10M", 10 * M), ("limits.io.write_bps", "1048576", M),
     ("limits.io.read_iops", "1000", 1000), ("limits.io.write_iops", 1, 1),
     ("limits.disk", "16M", 16 * M), ("limits.disk", "10G", 10 * G),
+    ("limits.net.egress", "10mbit", 10_000_000), ("limits.net.ingress", "1.5gbit", 1_500_000_000),
+    ("limits.net.egress", "500kbit", 500_000), ("limits.net.ingress", "8000", 8000),
+    ("net.mode", "Bridge", "bridge"), ("net.mode", "none", "none"),
+    ("net.ipv4", " 10.73.0.9 ", "10.73.0.9"), ("net.ipv6", "fd42:0::5", "fd42::5"),
+    ("net.nat", "no", False), ("net.isolated", "on", True), ("net.nat", True, True),
+    ("net.nameservers", "192.0.2.53, 2001:db8::53", ["192.0.2.53", "2001:db8::53"]),
 ])
 def test_good_values(key, raw, expected):
     value = parse(key, raw)
@@ -127,6 +133,15 @@ def test_good_values(key, raw, expected):
     ("limits.io.read_iops", "0", "out of range"), ("limits.io.write_iops", "fast", "invalid"),
     ("limits.disk", "1M", "too small"), ("limits.disk", "0", "too small"),
     ("limits.disk", "ten gigs", "invalid size"),
+    ("limits.net.egress", "fast", "invalid rate"), ("limits.net.egress", "1kbit", "below"),
+    ("limits.net.ingress", "-5mbit", "invalid rate"), ("limits.net.ingress", "10mbps", "invalid"),
+    ("net.mode", "veth", "unknown network mode"), ("net.mode", "", "unknown network mode"),
+    ("net.ipv4", "10.0.0", "not an IPv4 address"), ("net.ipv4", "::1", "not an IPv4"),
+    ("net.ipv4", "224.0.0.1", "cannot be a container's address"),
+    ("net.ipv6", "10.0.0.1", "not an IPv6 address"),
+    ("net.nat", "maybe", "not true or false"), ("net.isolated", "2", "not true or false"),
+    ("net.nameservers", "dns.example", "not an IP address"),
+    ("net.nameservers", "", "no address given"),
 ])
 def test_bad_values(key, raw, words):
     message = refused(key, raw)
@@ -232,12 +247,18 @@ def test_registry_is_complete():
     expected = {"limits.cpu", "limits.cpu.weight", "limits.cpu.set", "limits.memory",
                 "limits.memory.swap", "limits.memory.reservation", "limits.pids",
                 "limits.io.weight", "limits.io.read_bps", "limits.io.write_bps",
-                "limits.io.read_iops", "limits.io.write_iops", "limits.disk"}
+                "limits.io.read_iops", "limits.io.write_iops", "limits.disk",
+                "limits.net.egress", "limits.net.ingress", "net.mode", "net.ipv4", "net.ipv6",
+                "net.nat", "net.isolated", "net.nameservers"}
     assert set(KEYS) == expected
     for name, key in KEYS.items():
         assert key.name == name and key.doc and "\n" not in key.doc and key.form
-        assert key.live  # every limit can change on a running container
+        if name.startswith("limits."):
+            assert key.live  # every limit can change on a running container
         assert key.to_json()["key"] == name
+    # What is wired at start (the veth, its addresses, resolv.conf) waits for a restart.
+    assert {n for n, k in KEYS.items() if not k.live} == {"net.mode", "net.ipv4", "net.ipv6",
+                                                          "net.nameservers"}
     assert KEYS["limits.disk"].grow_only_live
     assert not any(k.grow_only_live for n, k in KEYS.items() if n != "limits.disk")
 

@@ -435,3 +435,19 @@ def test_network_show_and_check(ncli, lan):
     assert "other" in check.stdout and "kv" in check.stdout
     assert json.loads(ncli.run("network", "check", "--format", "json").stdout)
     ns_run(lan.host, ["nft", "delete table ip other"])
+
+
+@pytest.mark.parametrize("ip, words", [
+    ("10.73.0.1", ["gateway"]),
+    ("192.0.2.9", ["not in", "10.73.0.0/16"]),
+    ("10.73.0.0", ["network address"]),
+    ("abc", ["not an IPv4 address"]),
+])
+def test_bad_addresses_are_refused_and_nothing_is_made(ncli, ip, words):
+    name = unique()
+    result = ncli.run("create", name, "--template", "busybox", "--ip", ip)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    for word in words:
+        assert word in result.stderr
+    assert ncli.json("list") == [] and ncli.json("network", "show")["allocations"] == []

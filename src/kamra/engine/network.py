@@ -26,6 +26,7 @@ from kamra.config import netconfig
 from kamra.config.netconfig import NetworkConfig
 from kamra.engine.etcfiles import hosts_text, resolv_text, write_etc
 from kamra.errors import Conflict, InvalidInput, KamraError
+from kamra.network.ipam import Pool, parse_address
 from kamra.state import ContainerRecord
 from kamra.state.base import Forward
 
@@ -90,25 +91,17 @@ class Networking:
             return self._ports
 
     # -- addresses (create .. destroy) ------------------------------------------------------
-    def _check_wanted(self, wanted: str, pool: ipaddress._BaseNetwork,
-                      gateway: ipaddress._BaseAddress | None, key: str) -> str:
-        address = ipaddress.ip_address(wanted)
-        if address not in pool:
-            raise InvalidInput(f"{key}: {wanted} is not in the pool {pool} "
-                               f"(set in {self.config.path}): choose an address in it")
-        if address == gateway:
-            raise InvalidInput(f"{key}: {wanted} is the pool's gateway: choose another")
-        if pool.version == 4 and pool.prefixlen < 31 and address in (
-                pool.network_address, pool.broadcast_address):
-            raise InvalidInput(f"{key}: {wanted} is the network or broadcast address of "
-                               f"{pool}: choose another")
-        return str(address)
-
-    @staticmethod
-    def _candidates(pool: ipaddress._BaseNetwork, gateway: ipaddress._BaseAddress | None):
-        for address in pool.hosts():
-            if address != gateway:
-                yield str(address)
+    def _allocate(self, name: str, pool: Pool, wanted: object, key: str) -> str:
+        """Hold ``wanted`` (validated for the pool) or the pool's next free address."""
+        address = None
+        if wanted is not None:
+            try:
+                address = str(parse_address(str(wanted), pool))
+            except InvalidInput as exc:
+                raise InvalidInput(f"{key}: {exc.message}: choose an address of the pool "
+                                   f"{pool.network} (see 'kamra network show')") from None
+        return self.host.store.allocate_address(
+            name, (str(a) for a in pool.candidates()), address)
 
     def assign(self, record: ContainerRecord) -> list[str]:
         """Hold the container's addresses (its own net.ipv4/net.ipv6, or the pools' next
@@ -119,21 +112,13 @@ class Networking:
         config = self.config
         held = []
         try:
-            wanted4 = settings.get("net.ipv4")
-            if wanted4 is not None:
-                wanted4 = self._check_wanted(str(wanted4), config.ipv4_pool,
-                                             config.ipv4_gateway, "net.ipv4")
-            held.append(self.host.store.allocate_address(
-                record.name, self._candidates(config.ipv4_pool, config.ipv4_gateway),
-                wanted4))
+            held.append(self._allocate(record.name, Pool(str(config.ipv4_pool),
+                                                         str(config.ipv4_gateway)),
+                                       settings.get("net.ipv4"), "net.ipv4"))
             if config.ipv6_pool is not None:
-                wanted6 = settings.get("net.ipv6")
-                if wanted6 is not None:
-                    wanted6 = self._check_wanted(str(wanted6), config.ipv6_pool,
-                                                 config.ipv6_gateway, "net.ipv6")
-                held.append(self.host.store.allocate_address(
-                    record.name, self._candidates(config.ipv6_pool, config.ipv6_gateway),
-                    wanted6))
+                held.append(self._allocate(record.name, Pool(str(config.ipv6_pool),
+                                                             str(config.ipv6_gateway)),
+                                           settings.get("net.ipv6"), "net.ipv6"))
             elif settings.get("net.ipv6") is not None:
                 raise InvalidInput(f"net.ipv6 is set but no ipv6_pool is configured in "
                                    f"{config.path}: add one, or unset net.ipv6")
@@ -165,7 +150,7 @@ class Networking:
     def addresses(self, name: str) -> list[str]:
         return [a for a, holder in self.host.store.addresses().items() if holder == name]
 
-    def _interfaces(self, name: str, mode: str) -> list[ipaddress._BaseAddress]:
+    def _interfaces(self, name: str, mode: str) -> list:
         found = []
         for text in self.addresses(name):
             address = ipaddress.ip_address(text)
