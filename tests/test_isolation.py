@@ -463,8 +463,10 @@ def test_ipc_namespace(cli):
     assert fd < 0 and mq_errno == errno.ENOENT, "the container's POSIX queue is on the host"
 
 
-def test_network_namespace_has_only_loopback_up(cli):
-    name = start(cli)
+@pytest.mark.parametrize("mode, interfaces", [("none", ["lo"]), ("routed", ["eth0", "lo"])])
+def test_network_namespace_has_only_its_own_interfaces(cli, mode, interfaces):
+    """Its own namespace: loopback (up), and eth0 unless net.mode=none; none of the host's."""
+    name = start(cli, None, "-c", f"net.mode={mode}")
     result = sh(cli, name, """
         cat /proc/net/dev
         echo ---
@@ -477,11 +479,12 @@ def test_network_namespace_has_only_loopback_up(cli):
         ip -o addr show lo
     """)
     netdev, sysnet, (flags,), links, addrs = sections(result.stdout)
-    assert [line.split(":")[0].strip() for line in netdev[2:]] == ["lo"]
-    assert sysnet == ["lo"]
+    assert sorted(line.split(":")[0].strip() for line in netdev[2:]) == interfaces
+    assert sorted(sysnet) == interfaces  # /sys is the container's network namespace's
     assert int(flags, 16) & 0x1  # IFF_UP
-    assert len(links) == 1 and links[0].split(":")[1].strip() == "lo"
-    assert "UP" in links[0].split("<")[1].split(">")[0].split(",")
+    assert sorted(link.split(":")[1].strip().split("@")[0] for link in links) == interfaces
+    for link in links:
+        assert "UP" in link.split("<")[1].split(">")[0].split(",")
     assert any("127.0.0.1/8" in line for line in addrs)
 
 

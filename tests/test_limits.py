@@ -239,3 +239,13 @@ def test_proc_tells_the_container_its_own_limits(cli, root):
     assert meminfo(cli, name)["MemTotal"] == 256 * mib
     with open(os.path.join(root, "run", "lxcfs.pid")) as f:
         assert int(f.read()) == lxcfs_pid
+
+
+def test_uptime_counts_from_the_containers_start(cli):
+    """A spare launcher waits in advance (cgroup v1), but the init, whose age LXCFS gives
+    as the container's uptime, is forked at start."""
+    cli.run("list", check=True)  # kamrad up, its spare launchers prepared
+    time.sleep(3)
+    name = running(cli)
+    uptime = float(read_proc(cli, name, "uptime").split()[0])
+    assert uptime < 2.5, uptime

@@ -451,3 +451,52 @@ def test_bad_addresses_are_refused_and_nothing_is_made(ncli, ip, words):
     for word in words:
         assert word in result.stderr
     assert ncli.json("list") == [] and ncli.json("network", "show")["allocations"] == []
+
+
+def test_routed_with_proxy_arp_and_no_nat_is_reached_directly_from_the_lan(ncli, lan, root):
+    """OpenVZ's venet: the LAN reaches the container's own address, which the host answers
+    ARP for on its uplink; with net.nat=false the outside sees that address too."""
+    write_config(root, 'uplink = "lan0"\n')
+    name = started(ncli, "net.nat=false")
+    addr = address_of(ncli, name)
+    assert addr in ns_run(lan.host, ["ip", "neigh", "show", "proxy"]).stdout
+    # The outside host believes the container is on its own segment: it ARPs for it.
+    ns_run(lan.outside, ["ip", "route", "add", "10.73.0.0/16", "dev", "out0"])
+    outside = Server(lan.outside, OUTSIDE, 7005)
+    try:
+        out = ncli.run("exec", name, "--", "sh", "-c", f"echo hi | nc {OUTSIDE} 7005")
+        assert out.stdout == "pong\n", out.stderr
+        assert outside.peers == [addr]  # not NAT'd
+    finally:
+        outside.close()
+    ncli.run("exec", name, "--", "sh", "-c",
+             "setsid sh -c 'while true; do echo direct | nc -l -p 80; done' </dev/null "
+             ">/dev/null 2>&1 &", check=True)
+    assert connect(lan.outside, addr, 80).startswith(b"direct")
+    ncli.run("stop", name, check=True)
+    assert addr not in ns_run(lan.host, ["ip", "neigh", "show", "proxy"]).stdout
+    assert_nothing_left(lan)
+
+
+def test_ipv6_from_a_configured_pool(ncli, lan, root):
+    write_config(root, 'ipv6_pool = "fd42:73::/64"\n')
+    name = started(ncli)
+    addresses = ncli.json("status", name)["addresses"]
+    v6 = next(a for a in addresses if ":" in a)
+    assert v6 == "fd42:73::2"
+    inside = ncli.run("exec", name, "--", "ip", "-6", "addr", "show", "dev", "eth0").stdout
+    assert f"{v6}/128" in inside
+    ncli.run("exec", name, "--", "sh", "-c",
+             "setsid sh -c 'while true; do echo six | nc -l -p 80; done' </dev/null "
+             ">/dev/null 2>&1 &", check=True)
+    deadline = time.monotonic() + 10  # IPv6 duplicate address detection is off, but the
+    while True:                      # route may take a moment
+        try:
+            assert connect(lan.host, v6, 80).startswith(b"six")
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    ncli.run("stop", name, check=True)
+    assert_nothing_left(lan)

@@ -555,7 +555,14 @@ def _each(names: list[str], action) -> int:
 
 
 def cmd_start(client: Client, a: argparse.Namespace) -> int:
-    return _each(a.names, lambda n: client.request("POST", f"/v1/containers/{n}/start"))
+    said: set[str] = set()
+
+    def start(name: str) -> None:
+        data = client.request("POST", f"/v1/containers/{name}/start")
+        _print_notes({"notes": [n for n in data.get("notes") or () if n not in said]})
+        said.update(data.get("notes") or ())
+
+    return _each(a.names, start)
 
 
 def cmd_stop(client: Client, a: argparse.Namespace) -> int:

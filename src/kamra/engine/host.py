@@ -361,6 +361,7 @@ class Host:
         result = self._status(record)
         result["start_ms"] = round((time.perf_counter() - received) * 1000, 3)
         result["via_standby"] = via_standby
+        result["notes"] = self.network.start_notes(record)
         return result
 
     def _start_locked(self, record: ContainerRecord, stdio: list[int] | None) -> bool:

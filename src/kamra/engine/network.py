@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import os
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from kamra.config import netconfig
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kamra.network")
 
 RUNNING = ("starting", "running", "stopping")
+CHECK_EVERY = 30.0  # seconds between looks for another firewall at start
 PROTOS = ("tcp", "udp")
 
 
@@ -50,6 +52,7 @@ class Networking:
         # Containers whose host side is set up (or being set up): the table and the
         # bridge go when the last of them stops. Re-entrant: prepare calls teardown.
         self._active: dict[str, str] = {}  # name -> mode
+        self._checked: tuple[float, list[str]] = (-CHECK_EVERY - 1, [])
         self._lock = threading.RLock()
 
     # -- settings ---------------------------------------------------------------------------
@@ -367,7 +370,26 @@ class Networking:
 
     def check(self) -> list[str]:
         from kamra.network.check import foreign_forward_blockers
-        return foreign_forward_blockers()
+
+        found = foreign_forward_blockers(own_table=f"kamra-{self.salt}")
+        with self._lock:
+            self._checked = (time.monotonic(), found)
+        return found
+
+    def start_notes(self, record: ContainerRecord) -> list[str]:
+        """At start, what ``kamra network check`` would say (looked at once per
+        CHECK_EVERY seconds: reading the whole ruleset costs milliseconds)."""
+        if self.mode(record) == "none":
+            return []
+        with self._lock:
+            when, found = self._checked
+        if time.monotonic() - when > CHECK_EVERY:
+            try:
+                found = self.check()
+            except KamraError as exc:
+                log.warning("network check: %s", exc.message)
+                return []
+        return list(found)
 
 
 def parse_host_port(spec: str) -> tuple[str, int]:

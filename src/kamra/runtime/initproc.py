@@ -79,13 +79,14 @@ def launcher(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
 
 
 def standby(ctrl_fd: int, cgroup_procs: list[str], ready_w: int) -> None:
-    """A launcher and its init forked ahead of time, in a spare cgroup. Never returns.
+    """A launcher forked ahead of time into a spare cgroup and a new pid namespace. Never
+    returns.
 
-    The launcher pays the cgroup migration (an RCU grace period on v1) before anyone
-    waits for it, then forks the init, which unshares its namespaces and waits. When a
-    container starts, the engine renames the spare cgroup to the container's name and
-    the keeper hands the launcher the spawn request, which it passes on to the init:
-    forks, namespace creation and migration are all off the start path.
+    It pays the cgroup migration (an RCU grace period on v1) before anyone waits for it.
+    When a container starts, the engine renames the spare cgroup to the container's name
+    and the keeper hands the launcher the spawn request; only then does it fork the init,
+    which is born in the cgroup (no migration on the start path) and is as old as the
+    container (LXCFS tells the container its uptime from the init's age).
     """
     try:
         child.clean_slate({ctrl_fd, ready_w})
@@ -96,59 +97,24 @@ def standby(ctrl_fd: int, cgroup_procs: list[str], ready_w: int) -> None:
         except OSError as exc:
             os.write(ready_w, f"error prepare launcher: {exc.strerror}".encode())
             os._exit(1)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = os.fork()
-        if pid == 0:
-            ours.close()
-            os.close(ctrl_fd)
-            os.close(ready_w)
-            _waiting_init(theirs)
-        theirs.close()
-        answer = ours.recv(256)
-        if answer != b"ok":
-            os.write(ready_w, answer or b"error prepare init: it died")
-            os._exit(1)
-        os.write(ready_w, f"ok {pid}".encode())
+        os.write(ready_w, f"ok {os.getpid()}".encode())
         os.close(ready_w)
         sock = socket.socket(fileno=ctrl_fd)
         req, fds = fdpass.recv(sock)
         sock.close()
         if req is None or len(fds) < 4:
-            os._exit(0)  # released: the init sees its socket close and exits too
-        report_w = fds[0]
-        fdpass.send(ours, req, fds)
+            os._exit(0)  # released
+        report_w, stdio = fds[0], (fds[1], fds[2], fds[3])
+        console_fd = fds[4] if req.get("console_fd") else None
+        netns_fd = fds[-1] if req.get("netns") else None
+        pid = os.fork()
+        if pid == 0:
+            init(req, stdio, console_fd, report_w, None, netns_fd)
         os.write(report_w, f"pid {pid}\n".encode())
         os._exit(0)
     except BaseException:  # noqa: BLE001 - a forked child must never return
         pass
     os._exit(1)
-
-
-def _waiting_init(sock: socket.socket) -> None:
-    """The standby's init: new namespaces made, waiting for its container. Never returns.
-
-    Its mount namespace is made only when the container starts: a copy taken now would
-    not hold the container's root filesystem, which kamrad mounts at start."""
-    try:
-        os.setsid()
-        libc.unshare(INIT_NAMESPACES & ~libc.CLONE_NEWNS)
-    except OSError as exc:
-        sock.sendall(f"error prepare init: {exc.strerror}".encode())
-        os._exit(1)
-    sock.sendall(b"ok")
-    req, fds = fdpass.recv(sock)
-    sock.close()
-    if req is None or len(fds) < 4:
-        os._exit(0)
-    report_w, stdio = fds[0], (fds[1], fds[2], fds[3])
-    console_fd = fds[4] if req.get("console_fd") else None
-    netns_fd = fds[-1] if req.get("netns") else None
-    try:
-        libc.unshare(libc.CLONE_NEWNS)
-    except OSError as exc:
-        child.report_and_exit(report_w, f"create mount namespace: {exc.strerror}", 1)
-    _join_netns(netns_fd, report_w)
-    _finish_init(req, stdio, console_fd, report_w, None)
 
 
 def _join_netns(netns_fd: int | None, report_w: int) -> None:
@@ -164,7 +130,7 @@ def _join_netns(netns_fd: int | None, report_w: int) -> None:
 
 
 def init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
-         report_w: int, go_r: int, netns_fd: int | None = None) -> None:
+         report_w: int, go_r: int | None, netns_fd: int | None = None) -> None:
     """Second child, pid 1 of the new pid namespace: set up and exec the init."""
     try:
         os.setsid()

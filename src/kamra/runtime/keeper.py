@@ -57,7 +57,6 @@ class Standby:
     id: str
     pid: int
     ctrl: socket.socket
-    init_pid: int = 0  # the init it forked ahead of time
     conn: socket.socket | None = None  # the prepare request waiting for "ready"
     buffer: bytearray = field(default_factory=bytearray)
 
@@ -116,16 +115,11 @@ class Keeper:
         self.preparing.clear()
         for spare in spares:
             spare.ctrl.close()
-            # The launcher first: once it is reaped, its init is our child (we are the
-            # subreaper) and can be reaped too.
-            for pid in (spare.pid, spare.init_pid):
-                if not pid:
-                    continue
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                except (ProcessLookupError, ChildProcessError):
-                    pass
+            try:
+                os.kill(spare.pid, signal.SIGKILL)
+                os.waitpid(spare.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
             self.helpers.discard(spare.pid)
 
     def _stop_if_idle(self) -> None:
@@ -270,7 +264,6 @@ class Keeper:
         assert spare.conn is not None
         answer = bytes(spare.buffer).decode(errors="replace")
         if answer.startswith("ok "):
-            spare.init_pid = int(answer[3:])
             self.standbys[spare.id] = spare
             self._reply(spare.conn, {"ok": True, "pid": spare.pid}, close=True)
         else:

@@ -28,8 +28,9 @@ Known limits, not ours to fix here (measured on Linux 6.18 with lxcfs 5.0.3):
 * busybox ``free`` takes total/used/free from sysinfo(2), which lxcfs cannot answer: only
   its "available" column comes from /proc/meminfo. procps ``free`` reads /proc/meminfo
   (used = MemTotal - MemAvailable).
-* /proc/uptime is the age of the container's init, which a standby launcher (cgroup v1)
-  forked before the container was started: it counts the time the spare waited too.
+
+/proc/uptime is the age of the container's init: a standby launcher (cgroup v1) forks the
+init only when its container starts, so the time the spare waited is not counted.
 """
 
 from __future__ import annotations
