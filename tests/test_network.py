@@ -434,6 +434,12 @@ def test_network_show_and_check(ncli, lan):
     assert check.returncode == 1
     assert "other" in check.stdout and "kv" in check.stdout
     assert json.loads(ncli.run("network", "check", "--format", "json").stdout)
+    name = unique()
+    ncli.run("create", name, "--template", "busybox", check=True)
+    started_ = ncli.run("start", name)
+    assert started_.returncode == 0  # said at start, not refused
+    assert "note: nftables chain ip other fwdchain" in started_.stderr
+    ncli.run("destroy", "--force", name, check=True)
     ns_run(lan.host, ["nft", "delete table ip other"])
 
 
