@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from conftest import install_template, needs_debian, unique
 
 pytestmark = [needs_debian]
@@ -22,6 +24,22 @@ def test_debian_container_lifecycle(cli, debian_build):
     # procps' free reads /proc/meminfo, which LXCFS answers with the container's limit.
     total = cli.run("exec", name, "--", "free", "-b").stdout.splitlines()[1].split()[1]
     assert int(total) == 256 << 20
+    # ... and "used" follows a 100 MB allocation inside (dd holds its buffer while
+    # blocked on a pipe nobody reads).
+    def used() -> int:
+        return int(cli.run("exec", name, "--", "free", "-b").stdout.splitlines()[1].split()[2])
+
+    before = used()
+    cli.run("exec", name, "--", "sh", "-c",
+            "(dd if=/dev/zero bs=100M count=1 | sleep 60) >/dev/null 2>&1 &", check=True)
+    deadline = time.monotonic() + 10
+    while used() - before < 90 << 20 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert used() - before >= 90 << 20
+    # Its network: the address kamra gave it, on eth0, which systemd leaves alone.
+    address = cli.json("status", name)["addresses"][0]
+    assert f"inet {address}/32" in cli.run("exec", name, "--", "ip", "-4", "addr", "show",
+                                           "eth0").stdout
     stopped = cli.run("stop", name, "--timeout", "30")
     assert stopped.returncode == 0, stopped.stderr
     status = cli.json("status", name)
