@@ -199,7 +199,7 @@ def assert_nothing_left(lan: Lan) -> None:
 @pytest.mark.parametrize("mode", ["routed", "bridge"])
 def test_host_containers_and_outside_talk(ncli, lan, mode):
     a = started(ncli, f"net.mode={mode}")
-    b = started(ncli, f"net.mode={mode}", ip="10.73.0.77")
+    b = started(ncli, f"net.mode={mode}", "net.nameservers=192.0.2.53", ip="10.73.0.77")
     addr_a, addr_b = address_of(ncli, a), address_of(ncli, b)
     assert addr_b == "10.73.0.77" and ipaddress.ip_address(addr_a) in \
         ipaddress.ip_network("10.73.0.0/16")
@@ -232,6 +232,8 @@ def test_host_containers_and_outside_talk(ncli, lan, mode):
     assert f"{addr_a}\t{a}" in hosts
     resolv = ncli.run("exec", a, "--", "cat", "/etc/resolv.conf").stdout
     assert "nameserver" in resolv
+    resolv = ncli.run("exec", b, "--", "cat", "/etc/resolv.conf").stdout
+    assert resolv.splitlines()[1:] == ["nameserver 192.0.2.53"]
 
     ncli.run("stop", a, b, check=True)
     assert_nothing_left(lan)
@@ -263,8 +265,9 @@ def test_isolated_container_reaches_host_and_outside_but_no_container(ncli, lan,
     assert reachable(ncli, alone, addr_free)
 
 
-def test_port_forwards_from_outside_and_from_the_host(ncli, lan):
-    name = started(ncli)
+@pytest.mark.parametrize("mode", ["routed", "bridge"])
+def test_port_forwards_from_outside_and_from_the_host(ncli, lan, mode):
+    name = started(ncli, f"net.mode={mode}")
     addr = address_of(ncli, name)
     ncli.run("port", "add", name, "8080:80/tcp", check=True)
     # A tiny TCP server inside the container, answering once per connection.
@@ -275,7 +278,7 @@ def test_port_forwards_from_outside_and_from_the_host(ncli, lan):
     assert connect(lan.outside, HOST_LAN, 8080).startswith(b"served")
     assert connect(lan.host, HOST_LAN, 8080).startswith(b"served")
     assert connect(lan.host, "127.0.0.1", 8080).startswith(b"served")
-    other = started(ncli)
+    other = started(ncli, f"net.mode={mode}")
     taken = ncli.run("port", "add", other, "8080:81")
     assert taken.returncode != 0 and name in taken.stderr and "8080" in taken.stderr
     assert "Traceback" not in taken.stderr
