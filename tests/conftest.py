@@ -246,6 +246,21 @@ def debian_build():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def start_container(cli, *config: str, plan: str | None = None, ip: str | None = None) -> str:
+    """Create a busybox container with ``-c`` items (and a plan, an address) and start it."""
+    name = unique()
+    args = ["create", name, "--template", "busybox"]
+    for item in config:
+        args += ["-c", item]
+    if plan:
+        args += ["--plan", plan]
+    if ip:
+        args += ["--ip", ip]
+    cli.run(*args, check=True)
+    cli.run("start", name, check=True)
+    return name
+
+
 def install_template(root: str, cached: str, name: str = "busybox") -> None:
     """Copy a built template into a test root (hard links: templates are immutable)."""
     layout = Layout.at(root)

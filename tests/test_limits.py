@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+from conftest import start_container as running
 from conftest import unique
 
 from kamra.cgroups import driver_for_host
@@ -22,18 +23,6 @@ def cgroup_file(root: str, name: str, controller: str, knob: str) -> str:
 def read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
-
-
-def running(cli, *config: str, plan: str | None = None) -> str:
-    name = unique()
-    args = ["create", name, "--template", "busybox"]
-    for item in config:
-        args += ["-c", item]
-    if plan:
-        args += ["--plan", plan]
-    cli.run(*args, check=True)
-    cli.run("start", name, check=True)
-    return name
 
 
 def test_memory_hog_is_killed_inside_the_container_only(cli, root):

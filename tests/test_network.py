@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import Cli, cli_teardown, install_template, unique
+from conftest import start_container as started
 
 from kamra.linux import libc
 from kamra.network import netns
@@ -175,18 +176,6 @@ def address_of(cli: Cli, name: str) -> str:
 def reachable(cli: Cli, name: str, target: str) -> bool:
     return cli.run("exec", name, "--", "ping", "-c", "1", "-W", "2", target,
                    timeout=30).returncode == 0
-
-
-def started(cli: Cli, *config: str, ip: str | None = None) -> str:
-    name = unique()
-    args = ["create", name, "--template", "busybox"]
-    for item in config:
-        args += ["-c", item]
-    if ip:
-        args += ["--ip", ip]
-    cli.run(*args, check=True)
-    cli.run("start", name, check=True)
-    return name
 
 
 def assert_nothing_left(lan: Lan) -> None:

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kamra.config import netconfig
 from kamra.config.netconfig import NetworkConfig
@@ -73,25 +73,25 @@ class Networking:
         from kamra.network.names import host_ifname
         return host_ifname(name, self.salt)
 
-    @property
-    def firewall(self):  # noqa: ANN201 - kamra.network.nft.Firewall, imported lazily
+    def _table(self, attr: str, kind: type) -> Any:
+        """kamra's nftables table of one family, made (or repaired) on first use."""
         with self._lock:
-            if self._firewall is None:
-                from kamra.network.nft import Firewall
-                firewall = Firewall(table=f"kamra-{self.salt}")
-                firewall.ensure()
-                self._firewall = firewall
-            return self._firewall
+            table = getattr(self, attr)
+            if table is None:
+                table = kind(table=f"kamra-{self.salt}")
+                table.ensure()
+                setattr(self, attr, table)
+            return table
 
     @property
-    def port_isolation(self):  # noqa: ANN201 - PortIsolation, imported lazily
-        with self._lock:
-            if self._ports is None:
-                from kamra.network.portisolation import PortIsolation
-                ports = PortIsolation(table=f"kamra-{self.salt}")
-                ports.ensure()
-                self._ports = ports
-            return self._ports
+    def firewall(self) -> Any:  # kamra.network.nft.Firewall, imported lazily
+        from kamra.network.nft import Firewall
+        return self._table("_firewall", Firewall)
+
+    @property
+    def port_isolation(self) -> Any:  # kamra.network.portisolation.PortIsolation
+        from kamra.network.portisolation import PortIsolation
+        return self._table("_ports", PortIsolation)
 
     # -- addresses (create .. destroy) ------------------------------------------------------
     def _allocate(self, name: str, pool: Pool, wanted: object, key: str) -> str:

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from socket import AF_INET, AF_INET6
 
-from kamra.errors import AlreadyExists, KamraError, KernelError, NotFound
+from kamra.errors import AlreadyExists, KamraError, NotFound
 from kamra.network import netns
 from kamra.network.names import CONTAINER_IFNAME, ifb_name
 from kamra.network.names import host_ifname as host_ifname  # callers name veths here
 from kamra.network.rtnl import IFA_F_NODAD, NetlinkFailure, Rtnl
+from kamra.network.rtnl import netlink_step as _step
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -36,19 +36,6 @@ GATEWAY6 = ipaddress.IPv6Address("fe80::1")
 
 # Errors that mean "already gone" when removing something.
 _GONE = {errno.ENODEV, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL}
-
-
-@contextmanager
-def _step(what: str) -> Iterator[None]:
-    """Translate a netlink or OS failure into a one-line KernelError naming the step."""
-    try:
-        yield
-    except KamraError:
-        raise
-    except OSError as exc:
-        detail = str(exc.strerror or "")
-        extra = detail.split(": ", 1)[1] if ": " in detail else ""
-        raise KernelError(what, exc.errno or errno.EIO, extra) from exc
 
 
 def _ignore_gone(func: Callable[..., object], *args: object) -> None:

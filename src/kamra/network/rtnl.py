@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pyroute2.netlink import (
@@ -45,6 +46,8 @@ from pyroute2.netlink.rtnl import (
 )
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
+
+from kamra.errors import KamraError, KernelError
 
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
@@ -366,3 +369,16 @@ def _messages(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
             return
         yield offset, length, mtype, flags, seq
         offset += (length + 3) & ~3
+
+
+@contextmanager
+def netlink_step(what: str) -> Iterator[None]:
+    """Translate a netlink or OS failure into a one-line KernelError naming the step."""
+    try:
+        yield
+    except KamraError:
+        raise
+    except OSError as exc:
+        detail = str(exc.strerror or "")
+        extra = detail.split(": ", 1)[1] if ": " in detail else ""
+        raise KernelError(what, exc.errno or errno.EIO, extra) from exc

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from socket import htons
 
 from pyroute2.netlink import NLM_F_DUMP
@@ -32,9 +30,10 @@ from pyroute2.netlink.rtnl import (
 )
 from pyroute2.netlink.rtnl.tcmsg import plugins, tcmsg
 
-from kamra.errors import InvalidInput, KamraError, KernelError, NotFound
+from kamra.errors import InvalidInput, NotFound
 from kamra.network.names import ifb_name
 from kamra.network.rtnl import CREATE, REPLACE, NetlinkFailure, Rtnl
+from kamra.network.rtnl import netlink_step as _step
 
 ETH_P_ALL = 0x0003
 HTB_ROOT = 0x00010000      # 1:
@@ -48,16 +47,6 @@ MIN_RATE = 8_000           # bits/s; below this htb's arithmetic gets silly
 QUEUE_SECONDS = 0.1
 QUEUE_MIN_BYTES = 4 * 65536
 QUEUE_MAX_BYTES = 16 << 20
-
-
-@contextmanager
-def _step(what: str) -> Iterator[None]:
-    try:
-        yield
-    except KamraError:
-        raise
-    except OSError as exc:
-        raise KernelError(what, exc.errno or errno.EIO) from exc
 
 
 def _burst(rate_bits: int) -> int:
