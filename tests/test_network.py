@@ -498,3 +498,22 @@ def test_ipv6_from_a_configured_pool(ncli, lan, root):
             time.sleep(0.2)
     ncli.run("stop", name, check=True)
     assert_nothing_left(lan)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["add", "{name}", "abc"], ["invalid port 'abc'"]),
+    (["add", "{name}", "70000:80"], ["invalid port '70000'", "1 to 65535"]),
+    (["add", "{name}", "8080:80/sctp"], ["unknown protocol 'sctp'", "/tcp or /udp"]),
+    (["add", "{name}", "8080:80", "--host-ip", "nowhere"], ["--host-ip 'nowhere'"]),
+    (["add", "nosuch", "8080:80"], ["'nosuch' not found"]),
+    (["remove", "{name}", "9999/udp"], ["no forward of host port", "9999/udp"]),
+])
+def test_bad_port_forwards_are_refused_in_one_line(ncli, args, words):
+    name = unique()
+    ncli.run("create", name, "--template", "busybox", check=True)
+    result = ncli.run("port", *[a.format(name=name) for a in args])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr
+    assert ncli.json("port", "list") == []
