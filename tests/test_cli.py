@@ -37,6 +37,9 @@ def test_everyday_commands(cli):
     assert cli.run("exec", name, "--", "hostname").stdout == "web\n"
     table = cli.run("list").stdout
     assert name in table and "running" in table
+    address = status["addresses"][0]  # routed by default: an address from the pool
+    assert address.startswith("10.73.") and address in table.splitlines()[1]
+    assert f"addresses: {address}" in cli.run("status", name).stdout
     ps = cli.run("ps", name).stdout
     assert "init" in ps and "CPID" in ps
     assert cli.run("restart", name, "--timeout", "10").returncode == 0

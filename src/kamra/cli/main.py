@@ -585,9 +585,13 @@ def cmd_list(client: Client, a: argparse.Namespace) -> int:
     if a.format == "json":
         _json(data)
         return 0
-    _table([[c["name"], c["state"], c["template"], str(c["init_pid"] or "-"),
+    _table([[c["name"], c["state"], c["template"], _ipv4(c), str(c["init_pid"] or "-"),
              _when(c["created_at"]), _when(c["started_at"])] for c in data],
-           ["NAME", "STATE", "TEMPLATE", "PID", "CREATED", "STARTED"])
+           ["NAME", "STATE", "TEMPLATE", "IPV4", "PID", "CREATED", "STARTED"])
+
+
+def _ipv4(container: dict) -> str:
+    return ",".join(a for a in container.get("addresses") or () if ":" not in a) or "-"
     return 0
 
 
@@ -599,6 +603,7 @@ def cmd_status(client: Client, a: argparse.Namespace) -> int:
     last = data.get("last_exit") or {}
     rows = [("name", data["name"]), ("state", data["state"]), ("template", data["template"]),
             ("hostname", data["hostname"]), ("init pid", data["init_pid"] or "-"),
+            ("addresses", ", ".join(data.get("addresses") or ()) or "-"),
             ("created", _when(data["created_at"])), ("started", _when(data["started_at"])),
             ("console", "yes" if data["console"] else "no (stdio of the client)")]
     if last:
