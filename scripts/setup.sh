@@ -54,4 +54,6 @@ sys.exit(main())
 LAUNCHER
 chmod 755 /usr/local/bin/kamra
 ln -sf "$PWD/.venv/bin/kamrad" /usr/local/bin/kamrad
+# CRIU >= 4.2 (checkpoint/restore), proven with `criu check`; built once and cached if needed.
+"$PY" scripts/install_criu.py
 echo "setup: done (kamra $(.venv/bin/python -c 'import kamra; print(kamra.__version__)'))"
