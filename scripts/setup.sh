@@ -3,8 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# iptables: CRIU saves and restores a container's own netfilter rules with iptables-save.
 APT_PACKAGES=(busybox-static debootstrap zstd tar iproute2 procps util-linux python3 python3-venv
-              lxcfs e2fsprogs)
+              lxcfs e2fsprogs iptables)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
