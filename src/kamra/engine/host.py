@@ -276,6 +276,7 @@ class Host:
             self._watch_sock.close()
         for thread in self._threads:
             thread.join(timeout=5)
+        self.network.close()
         if not any(r.state in RUNNING_STATES for r in self.store.list()):
             self.lxcfs.stop()  # containers use it; an idle root needs none
         self.cgroups.cleanup()  # removes kamra's per-root cgroup only if nothing uses it

@@ -277,6 +277,13 @@ class NftTable:
         self._run(what, f"{verb} element {self.qualified} {setname} {{ {element} }}\n",
                   missing_ok=missing_ok)
 
+    def _discard(self, setname: str, element: str, what: str) -> None:
+        """Remove ``element`` from a set whether or not it is there, in one transaction
+        that cannot fail on its absence: a failed command costs libnftables about 10 ms
+        (it re-reads the ruleset to explain the error), and this runs on every stop."""
+        self._run(what, f"add element {self.qualified} {setname} {{ {element} }}\n"
+                        f"delete element {self.qualified} {setname} {{ {element} }}\n")
+
     def exists(self) -> bool:
         out = self._run("list tables", f"list tables {self.family}\n")
         return any(line.strip() == f"table {self.qualified}" for line in out.splitlines())
@@ -321,8 +328,7 @@ class Firewall(NftTable):
 
     def remove_nat(self, addr: str | IPAddress) -> None:
         ip = _ip(addr)
-        self._element("delete", f"nat{_v(ip)}", str(ip), f"remove {ip} from the NAT set",
-                      missing_ok=True)
+        self._discard(f"nat{_v(ip)}", str(ip), f"remove {ip} from the NAT set")
 
     # -- isolation (routed mode; bridges use port isolation) -----------------------
 
@@ -333,8 +339,7 @@ class Firewall(NftTable):
 
     def remove_isolated(self, addr: str | IPAddress) -> None:
         ip = _ip(addr)
-        self._element("delete", f"isolated{_v(ip)}", str(ip), f"stop isolating {ip}",
-                      missing_ok=True)
+        self._discard(f"isolated{_v(ip)}", str(ip), f"stop isolating {ip}")
 
     # -- bridges --------------------------------------------------------------------
 
@@ -397,11 +402,13 @@ class Firewall(NftTable):
                       f"{key} : {target} . {ct_port}", f"add port forward {where}")
 
     def remove_forward(self, proto: str, host_port: int,
-                       host_ip: str | IPAddress | None = None) -> None:
-        """Remove the forward of ``[host_ip]:host_port`` (both families without host_ip)."""
+                       host_ip: str | IPAddress | None = None, version: str | None = None
+                       ) -> None:
+        """Remove the forward of ``[host_ip]:host_port`` (both families without host_ip,
+        unless ``version``, "4" or "6", says which)."""
         _check_proto(proto)
         listen = None if host_ip is None else _ip(host_ip)
-        versions = [_v(listen)] if listen is not None else ["4", "6"]
+        versions = [_v(listen)] if listen is not None else [version] if version else ["4", "6"]
         for version in versions:
             self._element("delete", self._map(version, listen),
                           self._key(proto, host_port, listen),

@@ -42,8 +42,7 @@ class PortIsolation(NftTable):
         if on:
             self._element("add", "isolated", f'"{host_if}"', f"isolate port {host_if}")
         else:
-            self._element("delete", "isolated", f'"{host_if}"',
-                          f"stop isolating port {host_if}", missing_ok=True)
+            self._discard("isolated", f'"{host_if}"', f"stop isolating port {host_if}")
 
     def isolated(self) -> list[str]:
         return sorted(str(e) for e in self.elements("isolated"))
