@@ -10,7 +10,7 @@ STAMP := $(VENV)/.setup-done
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml scripts/setup.sh scripts/install_criu.py
 	bash scripts/setup.sh
 	touch $(STAMP)
 
@@ -26,3 +26,4 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/lifecycle
+	$(BIN)/python bench/network
