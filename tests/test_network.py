@@ -209,6 +209,7 @@ def test_host_containers_and_outside_talk(ncli, lan, mode):
         if _have("ping") else None
     assert ping is None or ping.returncode == 0
 
+    assert "type nat hook postrouting" in lan.ruleset()  # net.nat (the default) needs it
     # container -> outside host: NAT'd to the host's LAN address
     outside = Server(lan.outside, OUTSIDE, 7002)
     try:
@@ -461,6 +462,8 @@ def test_routed_with_proxy_arp_and_no_nat_is_reached_directly_from_the_lan(ncli,
     write_config(root, 'uplink = "lan0"\n')
     name = started(ncli, "net.nat=false")
     addr = address_of(ncli, name)
+    # Nothing to translate, so no nat chain: connection tracking stays off.
+    assert "type nat" not in lan.ruleset()
     assert addr in ns_run(lan.host, ["ip", "neigh", "show", "proxy"]).stdout
     # The outside host believes the container is on its own segment: it ARPs for it.
     ns_run(lan.outside, ["ip", "route", "add", "10.73.0.0/16", "dev", "out0"])
@@ -475,6 +478,10 @@ def test_routed_with_proxy_arp_and_no_nat_is_reached_directly_from_the_lan(ncli,
              "setsid sh -c 'while true; do echo direct | nc -l -p 80; done' </dev/null "
              ">/dev/null 2>&1 &", check=True)
     assert connect(lan.outside, addr, 80).startswith(b"direct")
+    ncli.run("port", "add", name, "8081:80", check=True)  # a forward needs them again
+    assert "type nat hook prerouting" in lan.ruleset()
+    ncli.run("port", "remove", name, "8081", check=True)
+    assert "type nat" not in lan.ruleset()
     ncli.run("stop", name, check=True)
     assert addr not in ns_run(lan.host, ["ip", "neigh", "show", "proxy"]).stdout
     assert_nothing_left(lan)

@@ -53,6 +53,10 @@ class Networking:
         # Containers whose host side is set up (or being set up): the table and the
         # bridge go when the last of them stops. Re-entrant: prepare calls teardown.
         self._active: dict[str, str] = {}  # name -> mode
+        # Running containers that need the NAT chains (connection tracking costs every
+        # packet; without NAT and port forwards kamra keeps no nat chain).
+        self._nat_users: set[str] = set()
+        self._nat_on = False
         self._checked: tuple[float, list[str]] = (-CHECK_EVERY - 1, [])
         # Network namespaces made ahead of time: making one costs the kernel about a
         # millisecond, a fifth of the network's start budget.
@@ -79,20 +83,42 @@ class Networking:
         from kamra.network.names import host_ifname
         return host_ifname(name, self.salt)
 
-    def _table(self, attr: str, kind: type) -> Any:
+    def _table(self, attr: str, kind: type, **ensure: object) -> Any:
         """kamra's nftables table of one family, made (or repaired) on first use."""
         with self._lock:
             table = getattr(self, attr)
             if table is None:
                 table = kind(table=f"kamra-{self.salt}")
-                table.ensure()
+                table.ensure(**ensure)
                 setattr(self, attr, table)
             return table
 
     @property
     def firewall(self) -> Any:  # kamra.network.nft.Firewall, imported lazily
         from kamra.network.nft import Firewall
-        return self._table("_firewall", Firewall)
+
+        with self._lock:
+            if self._firewall is None:
+                self._nat_on = bool(self._nat_users)
+            return self._table("_firewall", Firewall, nat=self._nat_on)
+
+    def _note_nat(self, record: ContainerRecord, settings: dict[str, object] | None,
+                  running: bool) -> None:
+        """Count the container among those that need the NAT chains (its own NAT, or a
+        port forward) and add or drop the chains when that changes."""
+        if running and settings is None:
+            settings = self.settings(record)
+        needs = running and (bool(settings["net.nat"])  # type: ignore[index]
+                             or bool(self.host.store.forwards(record.name)))
+        with self._lock:
+            if needs:
+                self._nat_users.add(record.name)
+            else:
+                self._nat_users.discard(record.name)
+            want = bool(self._nat_users)
+            if self._firewall is not None and self._nat_on != want:
+                self._firewall.ensure(nat=want)
+                self._nat_on = want
 
     @property
     def port_isolation(self) -> Any:  # kamra.network.portisolation.PortIsolation
@@ -276,6 +302,7 @@ class Networking:
         mode = settings["net.mode"]
         if mode == "none":
             return
+        self._note_nat(record, settings, True)
         firewall = self.firewall
         host_if = self.host_ifname(record.name)
         addresses = self.addresses(record.name)
@@ -325,6 +352,7 @@ class Networking:
             self._ports.set_isolated(host_if, False)
         tc.clear(host_if)
         link.teardown(host_if, self._interfaces(name, "routed"), uplink=self.config.uplink)
+        self._note_nat(record, None, False)
         self._release_shared(name)
 
     def _release_shared(self, name: str) -> None:
@@ -353,6 +381,9 @@ class Networking:
             for record in records:
                 if record.state in RUNNING and self.mode(record) != "none":
                     self._active[record.name] = self.mode(record)
+                    settings = self.settings(record)
+                    if settings["net.nat"] or self.host.store.forwards(record.name):
+                        self._nat_users.add(record.name)
             if "bridge" in self._active.values():
                 self._ensure_bridge()
         for record in records:
@@ -399,6 +430,7 @@ class Networking:
             record = self.host._record(name)
             if record.state in RUNNING:
                 try:
+                    self._note_nat(record, None, True)
                     self._activate(forward, self.addresses(name))
                 except BaseException:
                     self.host.store.remove_forward(name, forward.proto, forward.host_port,
@@ -414,7 +446,9 @@ class Networking:
                 raise InvalidInput(f"{name!r} has no forward of host port "
                                    f"{host_ip or '*'}:{host_port}/{proto}: see "
                                    f"'kamra port list {name}'")
-            self.firewall.remove_forward(proto, host_port, host_ip or None)
+            self.firewall.remove_forward(proto, host_port, host_ip or None, version="4")
+            record = self.host._record(name)
+            self._note_nat(record, None, record.state in RUNNING)
 
     def port_list(self, name: str | None = None) -> list[dict]:
         if name is not None:

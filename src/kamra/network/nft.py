@@ -164,12 +164,20 @@ def _check_proto(proto: str) -> str:
     return proto
 
 
-def ruleset(table: str) -> str:
+NAT_CHAINS = ("prerouting", "output", "postrouting")
+
+
+def ruleset(table: str, nat: bool = True) -> str:
     """The commands that (re)create kamra's table without losing set elements.
 
     ``add`` of an existing table, set or chain is a no-op, and each chain is flushed
     before its rules are added, all in one transaction: running this twice, or from
     two processes at once, leaves one copy of every rule.
+
+    The NAT chains (``NAT_CHAINS``) are there only with ``nat``: a nat chain makes the
+    kernel track every connection in the namespace, which costs each packet between
+    the host and its containers some 5-10% more time; without NAT or port forwards
+    there is nothing to track, so kamra then keeps none (``nat=False`` removes them).
     """
     t = f"inet {table}"
     veth = f'"{VETH_PREFIX}*"'
@@ -226,6 +234,9 @@ def ruleset(table: str) -> str:
     for name, (hook, rules) in chains.items():
         lines.append(f"add chain {t} {name} {{ {hook} policy accept; }}")
         lines.append(f"flush chain {t} {name}")
+        if name in NAT_CHAINS and not nat:
+            lines.append(f"delete chain {t} {name}")  # made above, so this cannot fail
+            continue
         lines += [f"add rule {t} {name} {rule}" for rule in rules]
     return "\n".join(lines) + "\n"
 
@@ -315,9 +326,10 @@ class NftTable:
 class Firewall(NftTable):
     """kamra's ``inet`` table: NAT, port forwards, routed isolation."""
 
-    def ensure(self) -> None:
-        """Create or repair the table, its sets, maps and chains; elements are kept."""
-        self._run(f"set up table {self.qualified}", ruleset(self.table))
+    def ensure(self, nat: bool = True) -> None:
+        """Create or repair the table, its sets, maps and chains (the NAT chains only
+        with ``nat``: see ``ruleset``); elements are kept."""
+        self._run(f"set up table {self.qualified}", ruleset(self.table, nat))
 
     # -- NAT ------------------------------------------------------------------------
 
