@@ -47,8 +47,6 @@ from kamra.paths import Layout
 
 log = logging.getLogger("kamra.lxcfs")
 
-# The /proc files LXCFS virtualizes that every container gets (when lxcfs offers them).
-PROC_FILES = ("meminfo", "cpuinfo", "stat", "uptime", "diskstats", "swaps", "loadavg")
 
 
 def _gone(pid: int) -> bool:
