@@ -78,6 +78,7 @@ IFLA_IFALIAS = 20
 IFLA_NET_NS_FD = 28
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
+IFLA_BR_MCAST_SNOOPING = 23
 VETH_INFO_PEER = 1
 IFLA_BRPORT_ISOLATED = 33
 IFA_ADDRESS = 1
@@ -110,6 +111,10 @@ def _str(kind: int, text: str) -> bytes:
 
 def _u32(kind: int, value: int) -> bytes:
     return _attr(kind, struct.pack("=I", value))
+
+
+def _u8(kind: int, value: int) -> bytes:
+    return _attr(kind, struct.pack("=B", value))
 
 
 def _ip(kind: int, family: int, address: str) -> bytes:
@@ -267,7 +272,13 @@ class Rtnl:
                  alias: str | None = None) -> None:
         """A link of a kind that needs no options (bridge, ifb); ``alias`` marks its maker
         (set by a second message: the kernel ignores it on creation)."""
-        attrs = _str(IFLA_IFNAME, ifname) + _attr(IFLA_LINKINFO, _str(IFLA_INFO_KIND, kind))
+        info = _str(IFLA_INFO_KIND, kind)
+        if kind == "bridge":
+            # No multicast snooping: a bridge that snoops but has no MLD querier can stop
+            # flooding the neighbour solicitations IPv6 needs (seen as a rare IPv6 timeout
+            # between two containers); a container bridge gains nothing from snooping.
+            info += _attr(IFLA_INFO_DATA, _u8(IFLA_BR_MCAST_SNOOPING, 0))
+        attrs = _str(IFLA_IFNAME, ifname) + _attr(IFLA_LINKINFO, info)
         if txqlen is not None:
             attrs += _u32(IFLA_TXQLEN, txqlen)
         self.request_raw(RTM_NEWLINK, _IFINFO.pack(0, 0, 0, 0, 0) + attrs, CREATE)
