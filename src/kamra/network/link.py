@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 from collections.abc import Callable, Sequence
 from socket import AF_INET, AF_INET6
 
@@ -137,20 +136,16 @@ def _container_bridged(addrs: Sequence[IPInterface], gateway: IPAddress | None,
                 nl.add_route(family, any_addr, 0, eth0, str(gw))
 
 
-_FORWARDING: set[tuple[int, str]] = set()  # (namespace inode, sysctl) already on
-
-
 def _enable_forwarding(v4: bool, v6: bool) -> None:
     # In the caller's namespace (kamrad's): the host routes for its containers.
     # Note: IPv6 forwarding makes the kernel ignore router advertisements on every
     # interface unless accept_ra=2, as for any IPv6 router.
-    # Once per namespace (a stat instead of a sysctl read on every start); nothing in
-    # kamra turns it off again, and another program doing so is not ours to fight.
-    here = os.stat("/proc/thread-self/ns/net").st_ino
-    for wanted, key in ((v4, "net/ipv4/ip_forward"), (v6, "net/ipv6/conf/all/forwarding")):
-        if wanted and (here, key) not in _FORWARDING:
-            netns.write_sysctl(key, 1)
-            _FORWARDING.add((here, key))
+    # Read and compared at every start, never remembered: a namespace's inode number
+    # is reused once it is gone, so "already on here" cannot be cached by it.
+    if v4:
+        netns.write_sysctl("net/ipv4/ip_forward", 1)
+    if v6:
+        netns.write_sysctl("net/ipv6/conf/all/forwarding", 1)
 
 
 def setup_routed(ns_fd: int, host_if: str, addrs: Sequence[IPInterface],
