@@ -186,7 +186,7 @@ class Networking:
     def addresses(self, name: str) -> list[str]:
         return [a for a, holder in self.host.store.addresses().items() if holder == name]
 
-    def _interfaces(self, name: str, mode: str) -> list:
+    def _interfaces(self, name: str) -> list:
         found = []
         for text in self.addresses(name):
             address = ipaddress.ip_address(text)
@@ -215,10 +215,10 @@ class Networking:
         from kamra.network import link
 
         name = record.name
-        addrs = self._interfaces(name, str(mode))
+        addrs = self._interfaces(name)
         if not addrs:  # created with net.mode=none, or its addresses were lost
             self.assign(record)
-            addrs = self._interfaces(name, str(mode))
+            addrs = self._interfaces(name)
         host_if = self.host_ifname(name)
         config = self.config
         ns_fd = self._take_netns()
@@ -356,7 +356,7 @@ class Networking:
         if self._ports is not None:
             self._ports.set_isolated(host_if, False)
         tc.clear(host_if)
-        link.teardown(host_if, self._interfaces(name, "routed"), uplink=self.config.uplink)
+        link.teardown(host_if, self._interfaces(name), uplink=self.config.uplink)
         self._note_nat(record, None, False)
         self._release_shared(name)
 
