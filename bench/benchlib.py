@@ -31,6 +31,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if str(Path(__file__).resolve().parent.parent / "src") not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent.parent / "src"))  # kamra itself
+
+from kamra.cgroups.base import detect_mode, own_cgroups  # noqa: E402
+from kamra.cgroups.base import read_mounts as cgroup_mounts  # noqa: E402
+from kamra.templates.fsutil import mounts_under as _mounts_under  # noqa: E402
+
 # -- small utilities ------------------------------------------------------------------------
 
 def log(message: str) -> None:
@@ -168,16 +175,6 @@ def _processes_mentioning(needles: list[str]) -> list[int]:
         text = cgroups + "\0".join(_cmdline(pid))
         if any(n in text for n in needles):
             found.append(pid)
-    return found
-
-
-def _mounts_under(prefix: str) -> list[str]:
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4]
-            if point == prefix or point.startswith(prefix.rstrip("/") + "/"):
-                found.append(point)
     return found
 
 
@@ -426,29 +423,6 @@ def print_table(header: list[str], body: list[list[str]]) -> None:
 
 # -- cgroups --------------------------------------------------------------------------------
 
-def cgroup_mounts() -> list[tuple[str, str, list[str]]]:
-    """(mount point, fstype, super options) of every cgroup mount."""
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            fstype, _source, superopts = (right.split() + ["", "", ""])[:3]
-            if fstype in ("cgroup", "cgroup2"):
-                mounts.append((fields[4], fstype, superopts.split(",")))
-    return mounts
-
-
-def own_cgroups() -> dict[str, str]:
-    """Controller key as in /proc/self/cgroup ("memory", "name=systemd", "" for v2) -> path."""
-    own: dict[str, str] = {}
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            own[controllers] = path
-    return own
-
-
 def own_path_for(fstype: str, opts: list[str], own: dict[str, str]) -> str:
     if fstype == "cgroup2":
         return own.get("", "/")
@@ -459,12 +433,11 @@ def own_path_for(fstype: str, opts: list[str], own: dict[str, str]) -> str:
 
 
 def cgroup_mode() -> str:
-    kinds = {fstype for _, fstype, _ in cgroup_mounts()}
-    if kinds == {"cgroup2"}:
-        return "v2"
-    if kinds == {"cgroup", "cgroup2"}:
-        return "hybrid"
-    return "v1" if "cgroup" in kinds else "none"
+    """kamra's own detection ("v2", "v1", "hybrid"), or "none" without cgroups."""
+    try:
+        return detect_mode()
+    except RuntimeError:
+        return "none"
 
 
 def rmdir_tree(path: str) -> None:

@@ -29,6 +29,7 @@ import pytest
 
 from kamra.linux import fdpass, libc
 from kamra.paths import Layout
+from kamra.templates.fsutil import mounts_under
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
@@ -118,16 +119,6 @@ def run_exec(host, name: str, argv: list[str]) -> tuple[int, str]:
         output += chunk
     os.close(read_end)
     return code, output.decode()
-
-
-def mounts_under(path: str) -> list[str]:
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mountpoint = line.split()[4]
-            if mountpoint == path or mountpoint.startswith(path.rstrip("/") + "/"):
-                found.append(mountpoint)
-    return found
 
 
 def cgroups_of(layout: Layout) -> list[str]:

@@ -477,19 +477,30 @@ class Networking:
         return found
 
     def start_notes(self, record: ContainerRecord) -> list[str]:
-        """At start, what ``kamra network check`` would say (looked at once per
-        CHECK_EVERY seconds: reading the whole ruleset costs milliseconds)."""
+        """At start, what ``kamra network check`` says. Reading the whole ruleset costs
+        milliseconds, so only the first start of a kamrad waits for it; later ones get
+        the last answer while a stale one (older than CHECK_EVERY) is renewed aside."""
         if self.mode(record) == "none":
             return []
         with self._lock:
             when, found = self._checked
-        if time.monotonic() - when > CHECK_EVERY:
-            try:
-                found = self.check()
-            except KamraError as exc:
-                log.warning("network check: %s", exc.message)
-                return []
+            stale = time.monotonic() - when > CHECK_EVERY
+            first = when < 0
+            if stale and not first:
+                self._checked = (time.monotonic(), found)  # one renewal at a time
+        if first:
+            return list(self._check_quietly())
+        if stale:
+            threading.Thread(target=self._check_quietly, name="kamra-network-check",
+                             daemon=True).start()
         return list(found)
+
+    def _check_quietly(self) -> list[str]:
+        try:
+            return self.check()
+        except KamraError as exc:
+            log.warning("network check: %s", exc.message)
+            return []
 
 
 def parse_host_port(spec: str) -> tuple[str, int]:

@@ -352,13 +352,7 @@ class DiskImage:
                            "which kamra does not have here; stop it first, then set it")
         device = device_of(self.mountpoint)
         try:
-            with open(self.path, "r+b") as f:
-                f.truncate(size)
-            fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(fd, LOOP_SET_CAPACITY, 0)
-            finally:
-                os.close(fd)
+            self._set_size(device, size)
             fd = os.open(self.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 fcntl.ioctl(fd, EXT4_IOC_RESIZE_FS, struct.pack("=Q", size // BLOCK))
@@ -368,16 +362,20 @@ class DiskImage:
             # The filesystem still ends where it did: giving the file back its old size
             # (and the device its old capacity) loses nothing.
             try:
-                with open(self.path, "r+b") as f:
-                    f.truncate(old)
-                fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    fcntl.ioctl(fd, LOOP_SET_CAPACITY, 0)
-                finally:
-                    os.close(fd)
+                self._set_size(device, old)
             except OSError:
                 pass
             raise KernelError.from_oserror(f"grow {self.path} to {human(size)}", exc) from None
+
+    def _set_size(self, device: str, size: int) -> None:
+        """Make the image file ``size`` bytes and its loop device see that."""
+        with open(self.path, "r+b") as f:
+            f.truncate(size)
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, LOOP_SET_CAPACITY, 0)
+        finally:
+            os.close(fd)
 
     def grow_offline(self, size: int, what: str) -> None:
         """Grow the unmounted image's filesystem to ``size`` bytes."""
