@@ -293,9 +293,9 @@ def test_sys_is_read_only(cli):
 
 def test_dev_holds_only_the_allowed_devices(cli):
     name = start(cli)
-    master, slave = os.openpty()  # a pty of the host's devpts, open while we look
+    # Ptys of the host's devpts, open while we look: none of them may show inside.
+    host_ptys = [os.openpty() for _ in range(3)]
     try:
-        host_pty = os.path.basename(os.ttyname(slave))
         result = sh(cli, name, """
             ls -A /dev
             echo ---
@@ -308,11 +308,14 @@ def test_dev_holds_only_the_allowed_devices(cli):
             stat -c %d /dev/pts
             echo ---
             grep ' /dev/pts ' /proc/mounts
+            echo ---
+            stat -c '%d %t:%T' /dev/console /dev/pts/0
         """)
     finally:
-        os.close(master)
-        os.close(slave)
-    listing, blocks, devices, pts, (pts_dev,), pts_mount = sections(result.stdout)
+        for master, slave in host_ptys:
+            os.close(master)
+            os.close(slave)
+    listing, blocks, devices, pts, (pts_dev,), pts_mount, console = sections(result.stdout)
     assert set(listing) == DEV_ENTRIES
     assert blocks == []
     assert len(devices) == len(CHAR_DEVICES)
@@ -320,11 +323,11 @@ def test_dev_holds_only_the_allowed_devices(cli):
         path, kind, major, minor = line.split("|")
         assert kind == "character special file", line
         assert (int(major, 16), int(minor, 16)) == CHAR_DEVICES[os.path.basename(path)], line
-    # A devpts instance of its own: the host's ptys (like the one open now) are not in it.
-    assert pts == ["ptmx"], pts
-    assert host_pty not in pts
+    # A devpts instance of its own, holding only the console (its pty 0): not the host's.
+    assert pts == ["0", "ptmx"], pts
     assert int(pts_dev) != os.stat("/dev/pts").st_dev
     assert pts_mount[0].split()[2] == "devpts"
+    assert console[0] == console[1] == f"{pts_dev} 88:0", console
 
 
 def test_run_and_tmp_are_tmpfs(cli):

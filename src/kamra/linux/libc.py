@@ -65,6 +65,7 @@ _SYS_CLOSE_RANGE = 436
 TIOCSCTTY = 0x540E
 TIOCSPTLCK = 0x40045431
 TIOCGPTPEER = 0x5441
+TIOCGPTN = 0x80045430
 TIOCSWINSZ = 0x5414
 TIOCGWINSZ = 0x5413
 
@@ -147,6 +148,11 @@ def open_pty_peer(ptmx: str = "/dev/ptmx") -> tuple[int, int]:
         os.close(master)
         raise
     return master, slave
+
+
+def pty_index(master: int) -> int:
+    """The N of /dev/pts/N behind a pty master."""
+    return struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
 
 
 def set_winsize(fd: int, rows: int, cols: int) -> None:

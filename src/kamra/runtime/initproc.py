@@ -9,8 +9,10 @@ enters its cgroup namespace and execs, so no container code ever runs outside th
 container's cgroup. The launcher then exits, the init is re-parented to the keeper
 (a child subreaper), which records its exit status.
 
-Both report over a close-on-exec pipe: ``pid N`` from the launcher, ``error ...``
-from either; EOF with no error means the init exec'd.
+Both report over a close-on-exec stream socket: ``pid N`` from the launcher,
+``error ...`` from either, and ``console`` from the init with the console pty's
+master and slave attached (it is made from the container's own devpts, see
+``rootfs``); EOF with no error means the init exec'd.
 
 A container with networking gets its network namespace from kamrad, already wired
 (veth, addresses, routes: kamra.network), as a descriptor the init joins with setns
@@ -30,6 +32,9 @@ from kamra.runtime.rootfs import StepFailed, enter_rootfs
 # to children only) and the cgroup namespace only once the init sits in its cgroup.
 INIT_NAMESPACES = libc.CLONE_NEWNS | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC | libc.CLONE_NEWNET
 
+# The init's stdio from the client, or None: the init makes a console pty of its own.
+Stdio = tuple[int, int, int] | None
+
 DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "TERM": "linux",
@@ -38,14 +43,11 @@ DEFAULT_ENV = {
 }
 
 
-def launcher(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
-             report_w: int, netns_fd: int | None = None) -> None:
+def launcher(req: dict, stdio: Stdio, report_w: int, netns_fd: int | None = None) -> None:
     """First child: never returns."""
     code = 1
     try:
-        keep = {report_w, *stdio}
-        if console_fd is not None:
-            keep.add(console_fd)
+        keep = {report_w, *(stdio or ())}
         if netns_fd is not None:
             keep.add(netns_fd)
         child.clean_slate(keep)
@@ -58,7 +60,7 @@ def launcher(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
         pid = os.fork()
         if pid == 0:
             os.close(go_w)
-            init(req, stdio, console_fd, report_w, go_r, netns_fd)
+            init(req, stdio, report_w, go_r, netns_fd)
         os.close(go_r)
         if netns_fd is not None:
             os.close(netns_fd)
@@ -102,14 +104,15 @@ def standby(ctrl_fd: int, cgroup_procs: list[str], ready_w: int) -> None:
         sock = socket.socket(fileno=ctrl_fd)
         req, fds = fdpass.recv(sock)
         sock.close()
-        if req is None or len(fds) < 4:
+        if req is None or not fds:
             os._exit(0)  # released
-        report_w, stdio = fds[0], (fds[1], fds[2], fds[3])
-        console_fd = fds[4] if req.get("console_fd") else None
+        # [report, stdio x3 unless the init makes its console, netns if wired]
+        report_w = fds[0]
+        stdio = None if req.get("console", True) else (fds[1], fds[2], fds[3])
         netns_fd = fds[-1] if req.get("netns") else None
         pid = os.fork()
         if pid == 0:
-            init(req, stdio, console_fd, report_w, None, netns_fd)
+            init(req, stdio, report_w, None, netns_fd)
         os.write(report_w, f"pid {pid}\n".encode())
         os._exit(0)
     except BaseException:  # noqa: BLE001 - a forked child must never return
@@ -129,8 +132,8 @@ def _join_netns(netns_fd: int | None, report_w: int) -> None:
     os.close(netns_fd)
 
 
-def init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
-         report_w: int, go_r: int | None, netns_fd: int | None = None) -> None:
+def init(req: dict, stdio: Stdio, report_w: int, go_r: int | None,
+         netns_fd: int | None = None) -> None:
     """Second child, pid 1 of the new pid namespace: set up and exec the init."""
     try:
         os.setsid()
@@ -142,14 +145,27 @@ def init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
     except StepFailed as exc:
         child.report_and_exit(report_w, str(exc), 1)
     _join_netns(netns_fd, report_w)
-    _finish_init(req, stdio, console_fd, report_w, go_r)
+    _finish_init(req, stdio, report_w, go_r)
 
 
-def _finish_init(req: dict, stdio: tuple[int, int, int], console_fd: int | None,
-                 report_w: int, go_r: int | None) -> None:
+def _hand_console(report_w: int, pty: tuple[int, int]) -> tuple[int, int, int]:
+    """Send the console pty to the keeper (which copies it to console.log and clients)
+    and return the slave as the init's stdio."""
+    master, slave = pty
+    with socket.socket(fileno=os.dup(report_w)) as sock:
+        socket.send_fds(sock, [b"console\n"], [master, slave])
+    os.close(master)
+    return (slave, slave, slave)
+
+
+def _finish_init(req: dict, stdio: Stdio, report_w: int, go_r: int | None) -> None:
     """Build the root filesystem, wait for the launcher's go (if any), exec. Never returns."""
     try:
-        enter_rootfs(req["rootfs"], req["hostname"], console_fd, req.get("lxcfs"))
+        pty = enter_rootfs(req["rootfs"], req["hostname"], stdio is None, req.get("lxcfs"))
+        if pty is not None:
+            stdio = _hand_console(report_w, pty)
+        if stdio is None:
+            child.report_and_exit(report_w, "no stdio and no console", 1)
         try:
             caps.drop(req.get("drop_caps", list(caps.DEFAULT_DROP)))
         except OSError as exc:

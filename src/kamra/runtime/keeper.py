@@ -65,8 +65,9 @@ class Standby:
 class PendingSpawn:
     conn: socket.socket
     req: dict
-    master: int | None
-    slave: int | None
+    report: socket.socket
+    master: int | None = None  # the console pty, sent by the init
+    slave: int | None = None
     buffer: bytearray = field(default_factory=bytearray)
 
 
@@ -290,51 +291,57 @@ class Keeper:
             self._drop(old)
         # kamrad's wired network namespace travels last (kamra.network).
         netns_fd = fds.pop() if req.get("netns") and fds else None
-        master = slave = None
-        if req.get("console", True):
-            master, slave = libc.open_pty_peer("/dev/ptmx")
-            libc.set_winsize(master, 24, 80)
-            stdio = (slave, slave, slave)
-        else:
-            if len(fds) < 3:
-                raise RuntimeError("spawn without a console needs three stdio descriptors")
-            stdio = (fds[0], fds[1], fds[2])
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        console = bool(req.get("console", True))
+        if not console and len(fds) < 3:
+            raise RuntimeError("spawn without a console needs three stdio descriptors")
+        stdio = None if console else (fds[0], fds[1], fds[2])
+        # A stream socket, not a pipe: the init sends its console pty over it.
+        report, report_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         spare = self.standbys.pop(req.get("standby") or "", None)
         if spare is not None:
-            handed = [report_w, *stdio] + ([slave] if slave is not None else []) + \
+            handed = [report_w.fileno(), *(stdio or ())] + \
                 ([netns_fd] if netns_fd is not None else [])
             try:
-                fdpass.send(spare.ctrl, {**req, "console_fd": slave is not None}, handed)
+                fdpass.send(spare.ctrl, req, handed)
             finally:
                 spare.ctrl.close()
         else:
             pid = os.fork()
             if pid == 0:
-                launcher(req, stdio, slave, report_w, netns_fd)
+                report.close()
+                launcher(req, stdio, report_w.fileno(), netns_fd)
             self.helpers.add(pid)
-        os.close(report_w)
+        report_w.close()
         for fd in fds:
             os.close(fd)
         if netns_fd is not None:
             os.close(netns_fd)
-        os.set_blocking(report_r, False)
-        self.pending[report_r] = PendingSpawn(conn, req, master, slave)
-        self.sel.register(report_r, selectors.EVENT_READ, ("report", report_r))
+        report.setblocking(False)
+        self.pending[report.fileno()] = PendingSpawn(conn, req, report)
+        self.sel.register(report, selectors.EVENT_READ, ("report", report.fileno()))
 
     def _on_report(self, fd: int) -> None:
         pending = self.pending.get(fd)
         if pending is None:
             return
         try:
-            chunk = os.read(fd, 4096)
+            chunk, fds, _, _ = socket.recv_fds(pending.report, 4096, 2)
         except BlockingIOError:
             return
+        except OSError:
+            chunk, fds = b"", []
+        for received in fds:
+            os.set_inheritable(received, False)
+        if fds:
+            for old in (pending.master, pending.slave):
+                if old is not None:
+                    os.close(old)
+            pending.master, pending.slave = (fds + [None])[:2]
         if chunk:
             pending.buffer += chunk
             return
-        self.sel.unregister(fd)
-        os.close(fd)
+        self.sel.unregister(pending.report)
+        pending.report.close()
         del self.pending[fd]
         pid, error = 0, ""
         for line in pending.buffer.decode(errors="replace").splitlines():
@@ -349,20 +356,29 @@ class Keeper:
             self._reply(pending.conn, {"error": error or "the container init failed to start"},
                         close=True)
             return
-        name = pending.req["name"]
-        init = Init(name=name, pid=pid, start=proc.start_time(pid), master=pending.master,
-                    slave=pending.slave)
+        if pending.req.get("console", True) and pending.master is None:
+            self._reply(pending.conn, {"error": "the container init sent no console"},
+                        close=True)
+            return
+        init = self._adopt(pending.req["name"], pid, pending.master, pending.slave,
+                           pending.req.get("console_log"))
+        self._reply(pending.conn, {"pid": pid, "start": init.start}, close=True)
+
+    def _adopt(self, name: str, pid: int, master: int | None, slave: int | None,
+               console_log: str | None) -> Init:
+        """Register a container init (just spawned, or restored by CRIU) and its console."""
+        init = Init(name=name, pid=pid, start=proc.start_time(pid), master=master, slave=slave)
         self.inits[name] = init
         self.by_pid[pid] = init
         if init.master is not None:
-            log_path = pending.req.get("console_log")
-            init.log = consolemod.ConsoleLog(log_path) if log_path else None
+            libc.set_winsize(init.master, 24, 80)
+            init.log = consolemod.ConsoleLog(console_log) if console_log else None
             os.set_blocking(init.master, False)
             self.masters[init.master] = init
             self.sel.register(init.master, selectors.EVENT_READ, ("console", init.master))
         if pid in self.unclaimed:
             self._exited(init, self.unclaimed.pop(pid))
-        self._reply(pending.conn, {"pid": pid, "start": init.start}, close=True)
+        return init
 
     def _op_exec(self, conn: socket.socket, req: dict, fds: list[int]) -> None:
         pid = os.fork()

@@ -51,7 +51,8 @@ def _step(name: str, func, *args, **kwargs):
         raise StepFailed(name, exc) from exc
 
 
-def _populate_dev(dev: str, console_fd: int | None) -> None:
+def _populate_dev(dev: str, console: bool) -> tuple[int, int] | None:
+    """Fill the container's /dev; with ``console``, return its console pty (master, slave)."""
     libc.mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=65536k")
     old = os.umask(0)
     try:
@@ -68,13 +69,17 @@ def _populate_dev(dev: str, console_fd: int | None) -> None:
                    "mode=1777,size=65536k")
         libc.mount("mqueue", os.path.join(dev, "mqueue"), "mqueue",
                    MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        if console_fd is not None:
-            # The console is a pty whose master the keeper holds on the host side. Bind
-            # it by path: the descriptor's mount belongs to the keeper's namespace, and
-            # bind mounts only take sources from our own (the path finds our copy).
-            console = os.path.join(dev, "console")
-            os.close(os.open(console, os.O_CREAT | os.O_WRONLY, 0o600))
-            libc.mount(os.ttyname(console_fd), console, None, MS_BIND)
+        if not console:
+            return None
+        # The console is a pty of the container's own devpts instance, as in LXC: the
+        # keeper holds its master, and CRIU can checkpoint the container with it (a pty
+        # of the host's devpts would be a terminal from outside that CRIU cannot take
+        # along; with the master outside, CRIU gives a new one back on restore).
+        master, slave = libc.open_pty_peer(os.path.join(dev, "pts", "ptmx"))
+        path = os.path.join(dev, "console")
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        libc.mount(os.path.join(dev, "pts", str(libc.pty_index(master))), path, None, MS_BIND)
+        return master, slave
     finally:
         os.umask(old)
 
@@ -92,9 +97,11 @@ def _lxcfs_binds(rootfs: str, lxcfs: str) -> None:
             libc.mount(source, os.path.join(rootfs, "proc", name), None, MS_BIND)
 
 
-def enter_rootfs(rootfs: str, hostname: str, console_fd: int | None,
-                 lxcfs: str | None = None) -> None:
-    """Mount /proc, /sys, /dev, /run, /tmp into ``rootfs`` and pivot_root into it."""
+def enter_rootfs(rootfs: str, hostname: str, console: bool,
+                 lxcfs: str | None = None) -> tuple[int, int] | None:
+    """Mount /proc, /sys, /dev, /run, /tmp into ``rootfs`` and pivot_root into it.
+
+    Returns the console pty (master, slave) when ``console`` is asked for."""
     # Private propagation: nothing we mount leaks to the host and the host's later
     # mounts do not appear in the container.
     _step("make mounts private", libc.mount, None, "/", None, MS_REC | MS_PRIVATE)
@@ -108,7 +115,7 @@ def enter_rootfs(rootfs: str, hostname: str, console_fd: int | None,
         _step("bind lxcfs over /proc", _lxcfs_binds, rootfs, lxcfs)
     _step("mount /sys", libc.mount, "sysfs", os.path.join(rootfs, "sys"), "sysfs",
           MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    _step("populate /dev", _populate_dev, os.path.join(rootfs, "dev"), console_fd)
+    pty = _step("populate /dev", _populate_dev, os.path.join(rootfs, "dev"), console)
     _step("mount /run", libc.mount, "tmpfs", os.path.join(rootfs, "run"), "tmpfs",
           MS_NOSUID | MS_NODEV, "mode=755,size=10%")
     _step("mount /tmp", libc.mount, "tmpfs", os.path.join(rootfs, "tmp"), "tmpfs",
@@ -122,3 +129,4 @@ def enter_rootfs(rootfs: str, hostname: str, console_fd: int | None,
     _step("pivot_root", libc.pivot_root, ".", ".")
     _step("detach host mounts", libc.umount, ".", MNT_DETACH)
     _step("chdir /", os.chdir, "/")
+    return pty
