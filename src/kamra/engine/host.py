@@ -68,6 +68,9 @@ class Host:
         from kamra.engine.network import Networking
 
         self.network = Networking(self)
+        from kamra.engine.checkpoint import Checkpoints
+
+        self.checkpoints = Checkpoints(self)
         self.cgroups: CgroupDriver = driver_for_host(self.layout.root_id)
         self.keeper = KeeperClient(self.layout)
         self.keeper.ensure_running()
@@ -351,13 +354,21 @@ class Host:
                 revert.success()
         return record
 
-    def start(self, name: str, *, stdio: list[int] | None = None) -> dict:
+    def start(self, name: str, *, stdio: list[int] | None = None,
+              discard_checkpoint: bool = False) -> dict:
         """Start a stopped container; returns its status plus ``start_ms``."""
         received = time.perf_counter()
         with self._lock(name):
             record = self._record(name)
             if record.state in RUNNING_STATES:
                 raise Conflict(f"container {name!r} is already running (pid {record.init_pid})")
+            if record.state == "checkpointed" and not discard_checkpoint:
+                raise Conflict(f"container {name!r} is checkpointed: resume it with 'kamra "
+                               f"restore {name}', or boot it afresh (dropping the "
+                               f"checkpoint) with 'kamra start {name} --discard-checkpoint'")
+            if record.state in ("checkpointing", "restoring"):
+                raise Conflict(f"container {name!r} is {record.state}: wait for it")
+            self.checkpoints.discard(name)
             via_standby = self._start_locked(record, stdio)
         result = self._status(record)
         result["start_ms"] = round((time.perf_counter() - received) * 1000, 3)
@@ -494,7 +505,8 @@ class Host:
             last = {"status": None, "code": None, "signal": None, "reason": "stopped"}
         self._finish_stop(record, last)
 
-    def _finish_stop(self, record: ContainerRecord, last_exit: dict) -> None:
+    def _finish_stop(self, record: ContainerRecord, last_exit: dict,
+                     state: str = "stopped") -> None:
         """Release a stopped container's resources. Idempotent."""
         name = record.name
         self._remove_cgroup(name)
@@ -507,7 +519,7 @@ class Host:
             self.keeper.request({"op": "forget", "name": name})
         except (KeeperError, OSError):
             pass
-        record.state = "stopped"
+        record.state = state
         record.stopped_at = time.time()
         record.last_exit = last_exit
         record.init_pid = 0

@@ -205,9 +205,12 @@ class Networking:
             netconfig.host_nameservers()
         write_etc(rootfs, "resolv.conf", resolv_text(list(servers)))  # type: ignore[arg-type]
 
-    def prepare(self, record: ContainerRecord) -> int | None:
+    def prepare(self, record: ContainerRecord, ns_fd: int | None = None) -> int | None:
         """The container's network namespace, wired; None for net.mode=none (the init
-        then makes an empty one of its own). On failure nothing is left behind."""
+        then makes an empty one of its own). On failure nothing is left behind.
+
+        ``ns_fd`` wires a namespace that exists already (CRIU's restored container's),
+        which stays the caller's; otherwise a new one is made."""
         settings = self.settings(record)
         mode = settings["net.mode"]
         if mode == "none":
@@ -221,7 +224,9 @@ class Networking:
             addrs = self._interfaces(name)
         host_if = self.host_ifname(name)
         config = self.config
-        ns_fd = self._take_netns()
+        owned = ns_fd is None
+        if ns_fd is None:
+            ns_fd = self._take_netns()
         try:
             if link.exists(host_if):  # left by a crash before its container's stop
                 self.teardown(record)
@@ -245,7 +250,8 @@ class Networking:
                 self.teardown(record)
             except KamraError as exc:
                 log.warning("undoing the network of %s: %s", name, exc.message)
-            os.close(ns_fd)
+            if owned:
+                os.close(ns_fd)
             raise
         return ns_fd
 

@@ -7,13 +7,15 @@ to it over ``<root>/run/keeper.sock`` with length-prefixed JSON messages
 (``kamra.linux.fdpass``) and can be killed at any instant without harm.
 
 Requests (the first message on a connection, ``{"op": ...}``):
-  ping | list | watch | spawn | exec | attach | signal | forget | shutdown
+  ping | list | watch | prepare | release | spawn | restore | exec | attach | signal |
+  forget | shutdown
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import os
 import selectors
 import signal
@@ -27,6 +29,7 @@ from kamra.paths import Layout, bind_unix, remove_files, write_pid_file
 from kamra.runtime import console as consolemod
 from kamra.runtime.execute import exec_helper
 from kamra.runtime.initproc import launcher, standby
+from kamra.runtime.restorer import restore_helper
 
 UNCLAIMED_MAX = 1024
 
@@ -379,6 +382,58 @@ class Keeper:
         if pid in self.unclaimed:
             self._exited(init, self.unclaimed.pop(pid))
         return init
+
+    def _op_restore(self, conn: socket.socket, req: dict, fds: list[int]) -> None:
+        """Fork a helper that runs ``criu restore`` (kamra.runtime.restorer); it hands
+        the restored init and its new console back over ``adopt``."""
+        name = req["name"]
+        old = self.inits.get(name)
+        if old is not None:
+            if old.status is None:
+                raise RuntimeError(f"{name} is already running (pid {old.pid})")
+            self._drop(old)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            restore_helper(conn, theirs, req, fds)
+        self.helpers.add(pid)
+        theirs.close()
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+        ours.settimeout(5)
+        self.sel.register(ours, selectors.EVENT_READ, ("adopt", ours))
+
+    def _on_adopt(self, sock: socket.socket) -> None:
+        self.sel.unregister(sock)
+        try:
+            message, fds = fdpass.recv(sock)
+        except (OSError, ValueError):
+            message, fds = None, []
+        try:
+            if message is None:
+                return  # the restore failed; the helper told kamrad why
+            name = message["name"]
+            if name in self.inits and self.inits[name].status is None:
+                raise RuntimeError(f"{name} is already running")
+            master = fds[0] if fds else None
+            slave = None
+            if master is not None:
+                # The keeper keeps a slave open too (see Init.slave).
+                slave = fcntl.ioctl(master, libc.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+            init = self._adopt(name, int(message["pid"]), master, slave,
+                               message.get("console_log"))
+            fdpass.send(sock, {"ok": True, "start": init.start})
+        except Exception as exc:  # noqa: BLE001 - tell the helper, keep serving
+            for fd in fds:
+                os.close(fd)
+            try:
+                fdpass.send(sock, {"error": str(exc)})
+            except OSError:
+                pass
+        finally:
+            sock.close()
 
     def _op_exec(self, conn: socket.socket, req: dict, fds: list[int]) -> None:
         pid = os.fork()

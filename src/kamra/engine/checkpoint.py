@@ -1,0 +1,299 @@
+"""Checkpoint and restore of a container's processes with CRIU.
+
+A checkpoint lives in ``<container>/checkpoint/``: CRIU's images, ``dump.log`` and
+``restore.log`` (one log per operation, next to the images) and ``checkpoint.json``,
+written last, which makes the directory a complete checkpoint. The container's
+filesystem is its own upper dir, left untouched while it is checkpointed, so images
+and files stay consistent.
+
+What kamra does around CRIU, and why:
+- The console is a pty of the container's own devpts whose master the keeper holds:
+  dumped with ``orphan_pts_master``, CRIU hands a new master back on restore, which the
+  keeper adopts (kamra.runtime.restorer).
+- LXCFS's files bound over /proc are external mounts, named at dump and bound again
+  from the running LXCFS on restore.
+- The network namespace is restored empty (``empty_ns``) and wired by kamra exactly as
+  at a start, once CRIU has locked it (``post-setup-namespaces``): so the host side,
+  firewall and addresses come from kamra's own records, on this host or another.
+- Restored tasks stay in the cgroup the restore helper joined (``manage_cgroups``
+  off): kamra made that cgroup and set its limits, as for a start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from typing import TYPE_CHECKING, Any
+
+from kamra.atomic import write_file
+from kamra.checkpoint.criu import Criu, CriuError
+from kamra.engine.revert import Revert
+from kamra.errors import Conflict, KamraError, NotFound
+from kamra.linux import fdpass, libc, proc
+from kamra.runtime.keeper_client import KeeperError
+
+if TYPE_CHECKING:
+    from kamra.engine.host import Host
+    from kamra.state import ContainerRecord
+
+log = logging.getLogger("kamra.checkpoint")
+
+CHECKPOINT = "checkpoint"
+META = "checkpoint.json"
+NFTABLES = 2  # criu_network_lock_method
+CG_IGNORE = 0  # criu_cg_mode
+
+
+def criu_binary() -> str:
+    found = shutil.which("criu", path=os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin")
+    if not found:
+        raise KamraError("CRIU is not installed: run 'make setup' (it builds CRIU 4.2)")
+    return found
+
+
+def lxcfs_mounts(pid: int) -> list[str]:
+    """The /proc files LXCFS serves inside the container (as the container sees them)."""
+    found = []
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1].startswith("fuse") and fields[4].startswith("/proc/"):
+                found.append(fields[4])
+    return found
+
+
+class Checkpoints:
+    """kamra checkpoint / kamra restore for one Host."""
+
+    def __init__(self, host: Host):
+        self.host = host
+
+    def directory(self, name: str) -> str:
+        return os.path.join(self.host.layout.container_dir(name), CHECKPOINT)
+
+    def meta(self, name: str) -> dict | None:
+        try:
+            with open(os.path.join(self.directory(name), META)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    # -- checkpoint ---------------------------------------------------------------------
+    def checkpoint(self, name: str, *, leave_running: bool = False) -> dict:
+        host = self.host
+        with host._lock(name):
+            record = host._record(name)
+            if record.state != "running":
+                raise Conflict(f"container {name!r} is not running: only a running container "
+                               "can be checkpointed")
+            self._check_dumpable(record)
+            started = time.perf_counter()
+            meta = self._dump(record, leave_running)
+            meta["checkpoint_ms"] = round((time.perf_counter() - started) * 1000, 1)
+            if not leave_running:
+                # CRIU killed the tasks; the keeper reports the init's end.
+                host.wait_exit(name, record.init_pid, 10)
+                host._finish_stop(record, {"status": None, "code": None, "signal": None,
+                                           "reason": "checkpointed"}, state="checkpointed")
+            else:
+                record.state = "running"
+                host.store.update(record)
+            result = host._status(record)
+            result["checkpoint"] = meta
+            return result
+
+    def _check_dumpable(self, record: ContainerRecord) -> None:
+        name = record.name
+        if not record.console:
+            raise Conflict(f"container {name!r} cannot be checkpointed: its init uses the "
+                           "stdio of the client that started it (kamra run)")
+        init_ns = proc.ns_inode(record.init_pid, "pid")
+        for pid in self.host.cgroups.pids(name):
+            if proc.ns_inode(pid, "pid") != init_ns:
+                raise Conflict(f"container {name!r} cannot be checkpointed while a "
+                               "'kamra exec' session runs in it: end the session first")
+
+    def _dump(self, record: ContainerRecord, leave_running: bool) -> dict:
+        host = self.host
+        name = record.name
+        final = self.directory(name)
+        work = final + ".new"
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work, 0o700)
+        record.state = "checkpointing"
+        host.store.update(record)
+        lxcfs = lxcfs_mounts(record.init_pid)
+        opts: dict[str, Any] = {
+            "pid": record.init_pid, "log_file": "dump.log", "log_level": 4,
+            "leave_running": leave_running, "tcp_established": True,
+            "tcp_skip_in_flight": True, "file_locks": True, "link_remap": True,
+            "orphan_pts_master": True, "network_lock": NFTABLES,
+            "external": [f"mnt[{path}]:lx{os.path.basename(path)}" for path in lxcfs],
+        }
+        images = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            opts["images_dir_fd"] = images
+            Criu(criu_binary()).run("DUMP", opts, log_path=os.path.join(work, "dump.log"))
+        except CriuError as exc:
+            # CRIU resumes the tasks and unlocks the network when a dump fails.
+            self._back_to_running(record)
+            kept = os.path.join(host.layout.container_dir(name), "dump-failed.log")
+            try:
+                os.replace(os.path.join(work, "dump.log"), kept)
+            except OSError:
+                kept = exc.log_path or kept
+            shutil.rmtree(work, ignore_errors=True)
+            raise KamraError(f"checkpoint of {name!r} failed: {exc.message} (CRIU's log: "
+                             f"{kept}); the container keeps running") from None
+        except BaseException:
+            self._back_to_running(record)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        finally:
+            os.close(images)
+        meta = {"name": name, "created_at": time.time(), "lxcfs": lxcfs,
+                "net_mode": host.network.mode(record), "hostname": record.hostname,
+                "leave_running": leave_running, "template_digest": record.template_digest}
+        write_file(os.path.join(work, META), json.dumps(meta))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(work, final)
+        return meta
+
+    def _back_to_running(self, record: ContainerRecord) -> None:
+        if proc.alive(record.init_pid, record.init_start):
+            record.state = "running"
+            self.host.store.update(record)
+
+    # -- restore ------------------------------------------------------------------------
+    def restore(self, name: str) -> dict:
+        host = self.host
+        with host._lock(name):
+            record = host._record(name)
+            if record.state != "checkpointed":
+                raise Conflict(f"container {name!r} has no checkpoint to restore (it is "
+                               f"{record.state}): make one with 'kamra checkpoint {name}'")
+            meta = self.meta(name)
+            if meta is None:
+                raise NotFound(f"the checkpoint of {name!r} is missing or incomplete "
+                               f"({self.directory(name)}): start it afresh with "
+                               f"'kamra start {name}'")
+            started = time.perf_counter()
+            self._restore_locked(record, meta)
+            result = host._status(record)
+            result["restore_ms"] = round((time.perf_counter() - started) * 1000, 1)
+            return result
+
+    def _restore_locked(self, record: ContainerRecord, meta: dict) -> None:
+        host = self.host
+        name = record.name
+        info = host.templates.get(record.template)
+        if info.digest != record.template_digest:
+            raise Conflict(f"template {record.template!r} changed since {name!r} was "
+                           "checkpointed: its files would not match the checkpoint")
+        directory = self.directory(name)
+        container_dir = host.layout.container_dir(name)
+        storage = host.storage(record)
+        step = "mount storage"
+        try:
+            with Revert() as revert:
+                rootfs = storage.mount(container_dir, info.rootfs)
+                revert.add("unmount storage", storage.unmount, container_dir)
+                step = "create cgroup"
+                host.cgroups.create(name)
+                revert.add("remove cgroup", host._remove_cgroup, name)
+                step = "apply limits"
+                host.resources.apply(record)
+                step = "restore processes"
+                lxcfs = host.lxcfs.ensure() if meta.get("lxcfs") else None
+                if meta.get("lxcfs") and not lxcfs:
+                    raise KamraError("LXCFS is not running, and the checkpoint's /proc "
+                                     "files come from it")
+                networked = host.network.mode(record) != "none"
+                revert.add("remove the network", host.network.teardown, record)
+                reply = self._run_restore(record, directory, rootfs, meta, lxcfs, networked)
+                record.state = "running"
+                record.init_pid = reply["pid"]
+                record.init_start = reply["start"]
+                record.started_at = time.time()
+                host.store.update(record)
+                revert.success()
+        except KeeperError as exc:
+            raise KamraError(f"restoring {name!r} failed: {exc.message}; the checkpoint "
+                             "is kept, every other step was undone") from None
+        except KamraError as exc:
+            exc.message = (f"restoring {name!r} failed at step '{step}': {exc.message}; "
+                           "the checkpoint is kept, every other step was undone")
+            exc.args = (exc.message,)
+            raise
+        except OSError as exc:
+            raise KamraError(f"restoring {name!r} failed at step '{step}': "
+                             f"{exc.strerror or exc}; the checkpoint is kept") from None
+
+    def _run_restore(self, record: ContainerRecord, directory: str, rootfs: str,
+                     meta: dict, lxcfs: str | None, networked: bool) -> dict:
+        host = self.host
+        name = record.name
+        opts: dict[str, Any] = {
+            "log_file": "restore.log", "log_level": 4, "root": rootfs,
+            "rst_sibling": True, "tcp_established": True, "file_locks": True,
+            "orphan_pts_master": True, "network_lock": NFTABLES,
+            # A console no session holds as its terminal (an init's plain stdio) is
+            # restored by CRIU only as an "inherited" one; orphan_pts_master then makes
+            # it a new pty pair instead of taking CRIU's own stdin.
+            "shell_job": True,
+            "manage_cgroups_mode": CG_IGNORE,
+            "external": [f"mnt[lx{os.path.basename(p)}]:{lxcfs}{p}"
+                         for p in meta.get("lxcfs", [])],
+        }
+        if networked:
+            opts["empty_ns"] = libc.CLONE_NEWNET
+        images = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            sock = host.keeper.session({
+                "op": "restore", "name": name, "opts": opts, "criu": criu_binary(),
+                "cgroup_procs": host.cgroups.procs_files(name),
+                "console_log": os.path.join(host.layout.container_dir(name), "console.log"),
+                "log_path": os.path.join(directory, "restore.log"),
+                "forward": ["post-setup-namespaces"] if networked else [],
+            }, [images])
+        finally:
+            os.close(images)
+        with sock:
+            while True:
+                message, fds = fdpass.recv(sock)
+                for fd in fds:
+                    os.close(fd)
+                if message is None:
+                    raise KamraError("the restore helper ended without an answer; see "
+                                     f"{directory}/restore.log")
+                if "notify" not in message:
+                    break
+                fdpass.send(sock, self._on_notify(record, message))
+        if "error" in message:
+            raise KamraError(f"{message['error']} (CRIU's log: "
+                             f"{message.get('log') or directory + '/restore.log'})")
+        return message
+
+    def _on_notify(self, record: ContainerRecord, message: dict) -> dict:
+        """CRIU made the container's (empty, locked) network namespace: wire it."""
+        if message["notify"] != "post-setup-namespaces":
+            return {"ok": True}
+        try:
+            ns_fd = os.open(f"/proc/{int(message['pid'])}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            return {"error": f"open the restored network namespace: {exc.strerror}"}
+        try:
+            self.host.network.prepare(record, ns_fd)
+        except KamraError as exc:
+            return {"error": f"set up the network: {exc.message}"}
+        finally:
+            os.close(ns_fd)
+        return {"ok": True}
+
+    def discard(self, name: str) -> None:
+        shutil.rmtree(self.directory(name), ignore_errors=True)
+        shutil.rmtree(self.directory(name) + ".new", ignore_errors=True)
