@@ -7,6 +7,9 @@ import socket
 import threading
 import time
 
+import subprocess
+import sys
+
 import pytest
 
 from conftest import unique
@@ -83,3 +86,112 @@ def test_checkpoint_and_restore_keep_an_established_tcp_stream(host):
         assert reader.end is None
     finally:
         reader.close()
+
+
+def _console_says(cli, name: str, command: str, marker: str) -> str:
+    """Type ``command`` on the container's console; what it printed up to ``marker``."""
+    from test_cli import PtySession, answer_cursor_query
+
+    session = PtySession(cli.env, "console", name)
+    session.read_until(b"Ctrl-a q")
+    session.send(b"\r")
+    answer_cursor_query(session)
+    session.send(command.encode() + b"\r")
+    out = session.read_until(marker.encode())
+    session.send(b"\x01q")
+    assert session.wait() == 0
+    return out.decode(errors="replace")
+
+
+def test_cli_checkpoint_restore_with_the_templates_own_init(cli):
+    """busybox init with a shell on the console (its controlling terminal), a counter
+    in memory, a file in /tmp (tmpfs) and a deleted file still open."""
+    name = unique()
+    cli.run("create", name, "--template", "busybox", check=True)
+    cli.run("start", name, check=True)
+    cli.run("exec", name, "--", "sh", "-c",
+            "echo kept > /tmp/note; "
+            "setsid sh -c 'exec 3</tmp/note; rm /tmp/note; "
+            "i=0; while :; do i=$((i+1)); echo $i > /run/count; sleep 0.05; done' "
+            "</dev/null >/dev/null 2>&1 &", check=True)
+    before = cli.json("ps", name)
+    time.sleep(0.3)
+    result = cli.run("checkpoint", name, check=True)
+    assert "checkpointed" in result.stdout
+    assert cli.json("status", name)["state"] == "checkpointed"
+    refused = cli.run("start", name)
+    assert refused.returncode != 0 and "kamra restore" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    restored = cli.run("restore", name, check=True)
+    assert "restored" in restored.stdout
+    after = cli.json("ps", name)
+    # The same processes with the same pids inside the container.
+    def lasting(rows: list) -> list:  # the loop's short sleeps come and go
+        return sorted((p["container_pid"], p["command"]) for p in rows
+                      if p["command"][0] != "sleep")
+
+    assert len(lasting(before)) == 3, before  # init, the console shell, the loop
+    assert lasting(before) == lasting(after)
+    first = int(cli.run("exec", name, "--", "cat", "/run/count", check=True).stdout)
+    time.sleep(0.3)
+    second = int(cli.run("exec", name, "--", "cat", "/run/count", check=True).stdout)
+    assert second > first
+    loop = [p for p in after if "while" in " ".join(p["command"])]
+    assert loop, after
+    held = cli.run("exec", name, "--", "sh", "-c",
+                   f"cat /proc/{loop[0]['container_pid']}/fd/3", check=True).stdout
+    assert held == "kept\n"  # the deleted-but-open file came back with its contents
+    # The console works again: its shell answers.
+    out = _console_says(cli, name, "echo con$((40+2))sole", "con42sole")
+    assert "con42sole" in out
+
+
+def test_checkpoint_leave_running_and_refusals(cli):
+    name = unique()
+    cli.run("create", name, "--template", "busybox", check=True)
+    cli.run("start", name, check=True)
+    pid = cli.json("status", name)["init_pid"]
+    result = cli.run("checkpoint", name, "--leave-running", check=True)
+    assert "still running" in result.stdout
+    assert cli.json("status", name)["state"] == "running"
+    assert cli.json("status", name)["init_pid"] == pid
+    # An exec session in progress cannot be dumped with the container: refused, kept.
+    session = subprocess.Popen([sys.executable, "-m", "kamra.cli.main", "exec", name, "--",
+                                "sleep", "30"], env=cli.env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not any("sleep" in " ".join(p["command"]) for p in cli.json("ps", name)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        refused = cli.run("checkpoint", name)
+        assert refused.returncode != 0
+        assert "exec" in refused.stderr and "Traceback" not in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert cli.json("status", name)["state"] == "running"
+    finally:
+        session.kill()
+        session.wait()
+    # Nothing to restore: one line, non-zero.
+    nothing = cli.run("restore", name)
+    assert nothing.returncode != 0 and "no checkpoint" in nothing.stderr
+
+
+def test_a_failed_checkpoint_leaves_the_container_running(cli):
+    """CRIU cannot dump a nested pid namespace: the dump fails, CRIU's reason is shown,
+    and the container goes on as before (thawed, network unlocked)."""
+    name = unique()
+    cli.run("create", name, "--template", "busybox", check=True)
+    cli.run("start", name, check=True)
+    cli.run("exec", name, "--", "sh", "-c",
+            "setsid unshare -p -f sleep 1000 </dev/null >/dev/null 2>&1 &", check=True)
+    time.sleep(0.3)
+    failed = cli.run("checkpoint", name)
+    assert failed.returncode != 0, failed.stdout
+    assert "keeps running" in failed.stderr and "Traceback" not in failed.stderr
+    print(failed.stderr)
+    assert "pid" in failed.stderr.split("keeps running")[0], failed.stderr
+    assert cli.json("status", name)["state"] == "running"
+    assert cli.run("exec", name, "--", "true").returncode == 0
+    log = os.path.join(cli.root, "containers", name, "dump-failed.log")
+    assert os.path.exists(log)

@@ -41,11 +41,17 @@ _REAP_GRACE = 30.0  # criu exits right after its answer; a hung one is killed af
 _TIMESTAMP = re.compile(r"^\(\s*[\d.]+\)\s*")
 
 
+# Errors that say nothing about the container: raising the descriptor limit needs
+# CAP_SYS_RESOURCE, absent in some sandboxes (CRIU goes on), and the closing summary.
+_NOISE = re.compile(r"Can't setup RLIMIT_NOFILE|(Dumping|Restoring|Pre-dumping) FAILED")
+
+
 def log_errors(path: str, limit: int = 3) -> list[str]:
     """The last ``limit`` "Error (...)" lines of a CRIU log, timestamps stripped."""
     try:
         with open(path, errors="replace") as f:
-            errors = [_TIMESTAMP.sub("", line.strip()) for line in f if "Error (" in line]
+            errors = [_TIMESTAMP.sub("", line.strip()) for line in f
+                      if "Error (" in line and not _NOISE.search(line)]
     except OSError:
         return []
     return errors[-limit:] if limit > 0 else []

@@ -28,7 +28,8 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return argv, None
 
 
-COMMAND_NAMES = ("template", "create", "start", "stop", "restart", "destroy", "list", "status",
+COMMAND_NAMES = ("template", "create", "start", "stop", "restart", "checkpoint", "restore",
+                 "destroy", "list", "status",
                  "ps", "exec", "enter", "console", "run", "daemon", "set", "config", "plan",
                  "beancounters", "stats", "network", "port")
 
@@ -187,6 +188,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only in (None, "start"):
         s = cmd("start", "start containers")
         s.add_argument("names", nargs="+", metavar="NAME")
+        s.add_argument("--discard-checkpoint", action="store_true",
+                       help="boot a checkpointed container afresh, dropping its checkpoint")
     if only in (None, "stop"):
         st = cmd("stop", "stop containers: their stop signal, then kill after --timeout")
         st.add_argument("names", nargs="+", metavar="NAME")
@@ -196,6 +199,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         r = cmd("restart", "stop and start containers")
         r.add_argument("names", nargs="+", metavar="NAME")
         r.add_argument("--timeout", type=float, default=10, help="seconds to wait (default 10)")
+    if only in (None, "checkpoint"):
+        ck = cmd("checkpoint", "save a running container's processes, memory, open files and "
+                               "TCP connections with CRIU; it is stopped afterwards (like "
+                               "vzctl suspend) unless --leave-running")
+        ck.add_argument("name")
+        ck.add_argument("--leave-running", action="store_true",
+                        help="keep the container running after the checkpoint")
+    if only in (None, "restore"):
+        rs = cmd("restore", "bring a checkpointed container back: same processes, PIDs, "
+                            "memory, files, address and TCP connections")
+        rs.add_argument("name")
     if only in (None, "destroy"):
         d = cmd("destroy", "destroy stopped containers and their files")
         d.add_argument("names", nargs="+", metavar="NAME")
@@ -557,8 +571,10 @@ def _each(names: list[str], action) -> int:
 def cmd_start(client: Client, a: argparse.Namespace) -> int:
     said: set[str] = set()
 
+    body = {"discard_checkpoint": True} if a.discard_checkpoint else None
+
     def start(name: str) -> None:
-        data = client.request("POST", f"/v1/containers/{name}/start")
+        data = client.request("POST", f"/v1/containers/{name}/start", body)
         _print_notes({"notes": [n for n in data.get("notes") or () if n not in said]})
         said.update(data.get("notes") or ())
 
@@ -568,6 +584,24 @@ def cmd_start(client: Client, a: argparse.Namespace) -> int:
 def cmd_stop(client: Client, a: argparse.Namespace) -> int:
     body = {"timeout": a.timeout, "force": a.force}
     return _each(a.names, lambda n: client.request("POST", f"/v1/containers/{n}/stop", body))
+
+
+def cmd_checkpoint(client: Client, a: argparse.Namespace) -> int:
+    data = client.request("POST", f"/v1/containers/{a.name}/checkpoint",
+                          {"leave_running": a.leave_running})
+    took = (data.get("checkpoint") or {}).get("checkpoint_ms", "?")
+    if a.leave_running:
+        print(f"checkpointed {a.name} in {took} ms (still running)")
+    else:
+        print(f"checkpointed {a.name} in {took} ms (stopped); resume it with "
+              f"'kamra restore {a.name}'")
+    return 0
+
+
+def cmd_restore(client: Client, a: argparse.Namespace) -> int:
+    data = client.request("POST", f"/v1/containers/{a.name}/restore")
+    print(f"restored {a.name} in {data.get('restore_ms', '?')} ms (pid {data.get('init_pid')})")
+    return 0
 
 
 def cmd_restart(client: Client, a: argparse.Namespace) -> int:
@@ -809,6 +843,7 @@ def cmd_port(client: Client, a: argparse.Namespace) -> int:
 
 COMMANDS = {
     "template": cmd_template, "create": cmd_create, "start": cmd_start, "stop": cmd_stop,
+    "checkpoint": cmd_checkpoint, "restore": cmd_restore,
     "restart": cmd_restart, "destroy": cmd_destroy, "list": cmd_list, "status": cmd_status,
     "ps": cmd_ps, "exec": cmd_exec, "enter": cmd_enter, "console": cmd_console,
     "run": cmd_run, "daemon": cmd_daemon, "set": cmd_set, "config": cmd_config,

@@ -173,7 +173,17 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, {"ok": True})
 
     def start_container(self, query: dict, name: str) -> None:
-        self._send(200, self.host.start(name))
+        body = self._body()
+        self._send(200, self.host.start(
+            name, discard_checkpoint=bool(body.get("discard_checkpoint"))))
+
+    def checkpoint_container(self, query: dict, name: str) -> None:
+        body = self._body()
+        self._send(200, self.host.checkpoints.checkpoint(
+            name, leave_running=bool(body.get("leave_running"))))
+
+    def restore_container(self, query: dict, name: str) -> None:
+        self._send(200, self.host.checkpoints.restore(name))
 
     def stop_container(self, query: dict, name: str) -> None:
         body = self._body()
@@ -399,6 +409,8 @@ ROUTES: list[Route] = [
         ("POST", "/v1/containers/{name}/start", Handler.start_container),
         ("POST", "/v1/containers/{name}/stop", Handler.stop_container),
         ("POST", "/v1/containers/{name}/restart", Handler.restart_container),
+        ("POST", "/v1/containers/{name}/checkpoint", Handler.checkpoint_container),
+        ("POST", "/v1/containers/{name}/restore", Handler.restore_container),
         ("GET", "/v1/containers/{name}/ps", Handler.ps_container),
         ("POST", "/v1/containers/{name}/exec", Handler.exec_container),
         ("POST", "/v1/containers/{name}/console", Handler.console_container),

@@ -66,6 +66,15 @@ def lxcfs_mounts(pid: int) -> list[str]:
     return found
 
 
+def _output_pipe(pid: int) -> str | None:
+    """``pipe:[inode]`` of the init's output pipe to the keeper, if it writes to one."""
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/1")
+    except OSError:
+        return None
+    return target if target.startswith("pipe:") else None
+
+
 class Checkpoints:
     """kamra checkpoint / kamra restore for one Host."""
 
@@ -111,9 +120,12 @@ class Checkpoints:
         if not record.console:
             raise Conflict(f"container {name!r} cannot be checkpointed: its init uses the "
                            "stdio of the client that started it (kamra run)")
-        init_ns = proc.ns_inode(record.init_pid, "pid")
+        # An exec session's helper sits in the cgroup but outside the container's pid
+        # namespace: fewer levels of pids than the init (a nested namespace has more).
+        depth = len(proc.status_fields(record.init_pid).get("NSpid", "").split())
         for pid in self.host.cgroups.pids(name):
-            if proc.ns_inode(pid, "pid") != init_ns:
+            levels = proc.status_fields(pid).get("NSpid", "").split()
+            if levels and len(levels) < depth:
                 raise Conflict(f"container {name!r} cannot be checkpointed while a "
                                "'kamra exec' session runs in it: end the session first")
 
@@ -127,6 +139,7 @@ class Checkpoints:
         record.state = "checkpointing"
         host.store.update(record)
         lxcfs = lxcfs_mounts(record.init_pid)
+        output = _output_pipe(record.init_pid)
         opts: dict[str, Any] = {
             "pid": record.init_pid, "log_file": "dump.log", "log_level": 4,
             "leave_running": leave_running, "tcp_established": True,
@@ -155,7 +168,7 @@ class Checkpoints:
             raise
         finally:
             os.close(images)
-        meta = {"name": name, "created_at": time.time(), "lxcfs": lxcfs,
+        meta = {"name": name, "created_at": time.time(), "lxcfs": lxcfs, "output": output,
                 "net_mode": host.network.mode(record), "hostname": record.hostname,
                 "leave_running": leave_running, "template_digest": record.template_digest}
         write_file(os.path.join(work, META), json.dumps(meta))
@@ -259,6 +272,7 @@ class Checkpoints:
                 "console_log": os.path.join(host.layout.container_dir(name), "console.log"),
                 "log_path": os.path.join(directory, "restore.log"),
                 "forward": ["post-setup-namespaces"] if networked else [],
+                "output_key": meta.get("output"),
             }, [images])
         finally:
             os.close(images)

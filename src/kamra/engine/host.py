@@ -293,6 +293,9 @@ class Host:
         except (OSError, KamraError):
             inits = {}
         for record in self.store.list():
+            if record.state in ("checkpointing", "checkpointed"):
+                self._reconcile_checkpoint(record, inits.get(record.name))
+                continue
             if record.state not in RUNNING_STATES:
                 continue
             known = inits.get(record.name)
@@ -314,6 +317,26 @@ class Host:
             with self._lock(record.name):
                 self._finish_stop(record, {"status": None, "code": None, "signal": None,
                                            "reason": "lost"})
+
+    def _reconcile_checkpoint(self, record: ContainerRecord, known: dict | None) -> None:
+        """A kamrad that died during a checkpoint or a restore: settle what CRIU did."""
+        if known and known["status"] is None and record.state == "checkpointed":
+            # The restore got as far as the keeper adopting the init.
+            record.state, record.init_pid, record.init_start = "running", known["pid"], \
+                known["start"]
+            self.store.update(record)
+            return
+        if record.state != "checkpointing":
+            return
+        if record.init_pid and proc.alive(record.init_pid, record.init_start):
+            record.state = "running"  # the dump failed (CRIU resumed it) or left it running
+            self.store.update(record)
+            return
+        done = self.checkpoints.meta(record.name) is not None
+        with self._lock(record.name):
+            self._finish_stop(record, {"status": None, "code": None, "signal": None,
+                                       "reason": "checkpointed" if done else "lost"},
+                              state="checkpointed" if done else "stopped")
 
     # -- containers -----------------------------------------------------------------------
     def create(self, name: str, template: str, hostname: str | None = None, *,
@@ -423,6 +446,9 @@ class Host:
                         "cgroup_procs": self.cgroups.procs_files(name),
                         "drop_caps": list(caps.DEFAULT_DROP), "standby": standby,
                         "lxcfs": self.lxcfs.ensure(), "netns": netns_fd is not None,
+                        # The template's own init (an OS init) writes to a pipe, leaving
+                        # the console to its getty or shell (see initproc._hand_console).
+                        "output_pipe": console and not record.init,
                     }, fds=fds)
                 finally:
                     if netns_fd is not None:

@@ -11,7 +11,7 @@ container's cgroup. The launcher then exits, the init is re-parented to the keep
 
 Both report over a close-on-exec stream socket: ``pid N`` from the launcher,
 ``error ...`` from either, and ``console`` from the init with the console pty's
-master and slave attached (it is made from the container's own devpts, see
+master and slave attached (and the read end of its output pipe, see _hand_console) (it is made from the container's own devpts, see
 ``rootfs``); EOF with no error means the init exec'd.
 
 A container with networking gets its network namespace from kamrad, already wired
@@ -148,14 +148,28 @@ def init(req: dict, stdio: Stdio, report_w: int, go_r: int | None,
     _finish_init(req, stdio, report_w, go_r)
 
 
-def _hand_console(report_w: int, pty: tuple[int, int]) -> tuple[int, int, int]:
+def _hand_console(report_w: int, pty: tuple[int, int], output_pipe: bool) -> tuple[int, int, int]:
     """Send the console pty to the keeper (which copies it to console.log and clients)
-    and return the slave as the init's stdio."""
+    and return the init's stdio: the pty's slave, or with ``output_pipe`` /dev/null and
+    a pipe the keeper reads into the same log.
+
+    An OS init (busybox init, systemd) gets the pipe: it only writes messages, and the
+    console stays free to be the controlling terminal of the getty or shell the init
+    starts on it. CRIU takes a pty's session from the first process holding it, so an
+    init holding the console too would make such a container impossible to dump."""
     master, slave = pty
+    handed = [master, slave]
+    if output_pipe:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        handed.append(read_end)
     with socket.socket(fileno=os.dup(report_w)) as sock:
-        socket.send_fds(sock, [b"console\n"], [master, slave])
+        socket.send_fds(sock, [b"console\n"], handed)
     os.close(master)
-    return (slave, slave, slave)
+    if not output_pipe:
+        return (slave, slave, slave)
+    os.close(read_end)
+    os.close(slave)
+    return (os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), write_end, write_end)
 
 
 def _finish_init(req: dict, stdio: Stdio, report_w: int, go_r: int | None) -> None:
@@ -163,7 +177,7 @@ def _finish_init(req: dict, stdio: Stdio, report_w: int, go_r: int | None) -> No
     try:
         pty = enter_rootfs(req["rootfs"], req["hostname"], stdio is None, req.get("lxcfs"))
         if pty is not None:
-            stdio = _hand_console(report_w, pty)
+            stdio = _hand_console(report_w, pty, bool(req.get("output_pipe")))
         if stdio is None:
             child.report_and_exit(report_w, "no stdio and no console", 1)
         try:

@@ -43,6 +43,7 @@ class Init:
     # The keeper keeps a slave descriptor open too: with no slave open, a pty master
     # reports hang-up on every poll, and the console would be lost between two programs.
     slave: int | None = None
+    output: int | None = None  # read end of the init's output pipe (an OS init's stdio)
     log: consolemod.ConsoleLog | None = None
     status: int | None = None  # wait status once exited
     exited_at: float | None = None
@@ -71,6 +72,7 @@ class PendingSpawn:
     report: socket.socket
     master: int | None = None  # the console pty, sent by the init
     slave: int | None = None
+    output: int | None = None
     buffer: bytearray = field(default_factory=bytearray)
 
 
@@ -81,6 +83,7 @@ class Keeper:
         self.inits: dict[str, Init] = {}
         self.by_pid: dict[int, Init] = {}
         self.masters: dict[int, Init] = {}
+        self.outputs: dict[int, Init] = {}
         self.pending: dict[int, PendingSpawn] = {}
         self.helpers: set[int] = set()
         self.unclaimed: dict[int, int] = {}
@@ -328,7 +331,7 @@ class Keeper:
         if pending is None:
             return
         try:
-            chunk, fds, _, _ = socket.recv_fds(pending.report, 4096, 2)
+            chunk, fds, _, _ = socket.recv_fds(pending.report, 4096, 3)
         except BlockingIOError:
             return
         except OSError:
@@ -336,10 +339,10 @@ class Keeper:
         for received in fds:
             os.set_inheritable(received, False)
         if fds:
-            for old in (pending.master, pending.slave):
+            for old in (pending.master, pending.slave, pending.output):
                 if old is not None:
                     os.close(old)
-            pending.master, pending.slave = (fds + [None])[:2]
+            pending.master, pending.slave, pending.output = (fds + [None, None])[:3]
         if chunk:
             pending.buffer += chunk
             return
@@ -353,7 +356,7 @@ class Keeper:
             elif line.startswith("error ") and not error:
                 error = line[6:]
         if error or not pid:
-            for fd in (pending.master, pending.slave):
+            for fd in (pending.master, pending.slave, pending.output):
                 if fd is not None:
                     os.close(fd)
             self._reply(pending.conn, {"error": error or "the container init failed to start"},
@@ -364,13 +367,18 @@ class Keeper:
                         close=True)
             return
         init = self._adopt(pending.req["name"], pid, pending.master, pending.slave,
-                           pending.req.get("console_log"))
+                           pending.req.get("console_log"), pending.output)
         self._reply(pending.conn, {"pid": pid, "start": init.start}, close=True)
 
     def _adopt(self, name: str, pid: int, master: int | None, slave: int | None,
-               console_log: str | None) -> Init:
+               console_log: str | None, output: int | None = None) -> Init:
         """Register a container init (just spawned, or restored by CRIU) and its console."""
-        init = Init(name=name, pid=pid, start=proc.start_time(pid), master=master, slave=slave)
+        init = Init(name=name, pid=pid, start=proc.start_time(pid), master=master, slave=slave,
+                    output=output)
+        if output is not None:
+            os.set_blocking(output, False)
+            self.outputs[output] = init
+            self.sel.register(output, selectors.EVENT_READ, ("output", output))
         self.inits[name] = init
         self.by_pid[pid] = init
         if init.master is not None:
@@ -417,13 +425,15 @@ class Keeper:
             name = message["name"]
             if name in self.inits and self.inits[name].status is None:
                 raise RuntimeError(f"{name} is already running")
-            master = fds[0] if fds else None
+            handed = list(fds)
+            master = handed.pop(0) if message.get("console") and handed else None
+            output = handed.pop(0) if message.get("output") and handed else None
             slave = None
             if master is not None:
                 # The keeper keeps a slave open too (see Init.slave).
                 slave = fcntl.ioctl(master, libc.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
             init = self._adopt(name, int(message["pid"]), master, slave,
-                               message.get("console_log"))
+                               message.get("console_log"), output)
             fdpass.send(sock, {"ok": True, "start": init.start})
         except Exception as exc:  # noqa: BLE001 - tell the helper, keep serving
             for fd in fds:
@@ -467,21 +477,35 @@ class Keeper:
         if init is not None:
             self._drain(init)
 
-    def _drain(self, init: Init) -> None:
-        """Copy console output to console.log and every attached client."""
-        if init.master is None:
-            return
+    def _on_output(self, fd: int) -> None:
+        init = self.outputs.get(fd)
+        if init is not None and not self._drain(init, fd):
+            self._close_output(init)  # every writer is gone
+
+    def _close_output(self, init: Init) -> None:
+        if init.output is not None:
+            self.sel.unregister(init.output)
+            del self.outputs[init.output]
+            os.close(init.output)
+            init.output = None
+
+    def _drain(self, init: Init, fd: int | None = None) -> bool:
+        """Copy console output (of the pty, or of ``fd``, the init's output pipe) to
+        console.log and every attached client. False at the pipe's end of file."""
+        source = init.master if fd is None else fd
+        if source is None:
+            return True
         while True:
             try:
-                data = os.read(init.master, 65536)
+                data = os.read(source, 65536)
             except BlockingIOError:
-                return
+                return True
             except OSError as exc:
                 if exc.errno == errno.EIO:  # no slave open any more: nothing left to read
-                    return
+                    return True
                 raise
             if not data:
-                return
+                return fd is None
             if init.log is not None:
                 init.log.write(data)
             for cfd, (client, _) in list(init.clients.items()):
@@ -576,6 +600,9 @@ class Keeper:
                 conn.close()
 
     def _close_console(self, init: Init) -> None:
+        if init.output is not None:
+            self._drain(init, init.output)
+            self._close_output(init)
         self._unwatch_master(init)
         for attr in ("master", "slave"):
             fd = getattr(init, attr)

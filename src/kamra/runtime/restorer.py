@@ -58,6 +58,11 @@ def _run(conn: socket.socket, adopt: socket.socket, req: dict, fds: list[int]) -
     opts = dict(req["opts"])
     opts["images_dir_fd"] = fds[0]  # opened by CRIU through /proc/<us>/fd
     forward = set(req.get("forward", ()))
+    output_r = output_w = -1
+    if req.get("output_key"):
+        # The init's output pipe (its other end was the keeper's): a new one takes its place.
+        output_r, output_w = os.pipe2(os.O_CLOEXEC)
+        opts["inherit_fd"] = [{"key": req["output_key"], "fd": output_w}]
     master: list[int] = []
     restored: list[int] = []
 
@@ -75,16 +80,20 @@ def _run(conn: socket.socket, adopt: socket.socket, req: dict, fds: list[int]) -
     try:
         answer = Criu(req.get("criu") or "criu").run(
             "RESTORE", opts, notify=notify, log_path=req.get("log_path"),
-            timeout=req.get("timeout"))
+            timeout=req.get("timeout"), pass_fds=[output_w] if output_w >= 0 else [])
     except CriuError as exc:
         fdpass.send(conn, {"error": exc.message, "log": exc.log_path})
         return
+    finally:
+        if output_w >= 0:
+            os.close(output_w)
     pid = int(answer.get("restore", {}).get("pid") or (restored[0] if restored else 0))
     if not pid:
         fdpass.send(conn, {"error": "CRIU restored no process"})
         return
-    fdpass.send(adopt, {"name": req["name"], "pid": pid,
-                        "console_log": req.get("console_log")}, master[:1])
+    fdpass.send(adopt, {"name": req["name"], "pid": pid, "console_log": req.get("console_log"),
+                        "console": bool(master), "output": output_r >= 0},
+                master[:1] + ([output_r] if output_r >= 0 else []))
     reply, _ = fdpass.recv(adopt)
     if not reply or "error" in reply:
         fdpass.send(conn, {"error": (reply or {}).get("error", "the keeper did not adopt "
