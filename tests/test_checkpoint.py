@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
-import time
-
 import subprocess
 import sys
-
-import pytest
+import threading
+import time
 
 from conftest import unique
 
@@ -195,3 +192,82 @@ def test_a_failed_checkpoint_leaves_the_container_running(cli):
     assert cli.run("exec", name, "--", "true").returncode == 0
     log = os.path.join(cli.root, "containers", name, "dump-failed.log")
     assert os.path.exists(log)
+
+
+def test_restore_after_kamrad_restarted(cli):
+    name = unique()
+    cli.run("create", name, "--template", "busybox", check=True)
+    cli.run("start", name, check=True)
+    cli.run("exec", name, "--", "sh", "-c", "echo 7 > /run/mark", check=True)
+    cli.run("checkpoint", name, check=True)
+    cli.run("daemon", "stop", check=True)
+    assert cli.json("status", name)["state"] == "checkpointed"  # kamrad started anew
+    cli.run("restore", name, check=True)
+    assert cli.run("exec", name, "--", "cat", "/run/mark", check=True).stdout == "7\n"
+    # Once restored, the checkpoint is spent: a plain stop and start boot afresh.
+    cli.run("stop", name, check=True)
+    cli.run("start", name, check=True)
+    assert cli.run("exec", name, "--", "cat", "/run/mark").returncode != 0
+
+
+def test_export_and_import_move_a_container_with_its_tcp_stream(host, tmp_path):
+    """The exported file alone brings the container back (here under a new name, after
+    the original was destroyed), with its address and its established connection."""
+    name = unique()
+    host.create(name, "busybox", init=["/bin/sh", "-c", "echo data > /home/file; " + STREAM])
+    status = host.start(name)
+    reader = connect_when_listening(status["addresses"][0])
+    reader.start()
+    try:
+        reader.wait_for_more(20)
+        export = str(tmp_path / "c.tar.zst")
+        done = host.checkpoints.checkpoint(name, export=export)
+        assert done["checkpoint"]["export"]["bytes"] == os.path.getsize(export)
+        assert oct(os.stat(export).st_mode & 0o777) == "0o600"
+        host.destroy(name)
+        again = unique()
+        restored = host.checkpoints.restore(again, import_file=export)
+        assert restored["state"] == "running"
+        assert restored["addresses"] == status["addresses"]
+        reader.wait_for_more(len(reader.numbers) + 50)
+        numbers = list(reader.numbers)
+        assert numbers == list(range(len(numbers))), "gap or duplicate in the stream"
+        rootfs = os.path.join(host.layout.container_dir(again), "rootfs")
+        with open(os.path.join(rootfs, "home", "file")) as f:
+            assert f.read() == "data\n"
+    finally:
+        reader.close()
+
+
+def test_a_hostile_or_foreign_archive_is_refused_and_nothing_is_made(cli, tmp_path):
+    import io
+    import tarfile
+
+    import zstandard
+
+    def archive(members: dict[str, bytes]) -> str:
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w") as tar:
+            for member, data in members.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        path = tmp_path / f"a{len(list(tmp_path.iterdir()))}.tar.zst"
+        path.write_bytes(zstandard.ZstdCompressor().compress(raw.getvalue()))
+        return str(path)
+
+    manifest = b'{"format": 1, "container": {}}'
+    cases = [
+        (archive({"kamra-checkpoint.json": manifest, "../evil": b"x"}), "outside"),
+        (archive({"kamra-checkpoint.json": manifest, "upper/../../evil": b"x"}), "outside"),
+        (archive({"kamra-checkpoint.json": b'{"format": 99}'}), "not a kamra checkpoint"),
+        (archive({"rootfs/bin/sh": b"x"}), "outside"),
+        (str(tmp_path / "missing.tar.zst"), "not found"),
+    ]
+    for path, words in cases:
+        result = cli.run("restore", "imported", "--import", path)
+        assert result.returncode != 0, path
+        assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert cli.json("list") == []
+    assert not os.path.exists(os.path.join(cli.root, "containers", "imported"))

@@ -40,6 +40,26 @@ def test_debian_container_lifecycle(cli, debian_build):
     address = cli.json("status", name)["addresses"][0]
     assert f"inet {address}/32" in cli.run("exec", name, "--", "ip", "-4", "addr", "show",
                                            "eth0").stdout
+    # Checkpoint and restore with systemd, its services and the 100 MB in dd's memory.
+    def services() -> set[str]:
+        out = cli.run("exec", name, "--", "systemctl", "list-units", "--type=service",
+                      "--state=running", "--no-legend", "--plain").stdout
+        return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+    running = services()
+    print("services running before the checkpoint:", sorted(running))
+    assert running, "systemd runs no service"
+    checkpointed = cli.run("checkpoint", name)
+    assert checkpointed.returncode == 0, checkpointed.stderr
+    restored = cli.run("restore", name)
+    assert restored.returncode == 0, restored.stderr
+    assert cli.run("exec", name, "--", "cat", "/proc/1/comm").stdout.strip() == "systemd"
+    assert used() - before >= 90 << 20  # dd's buffer came back
+    survived = services()
+    print("services running after the restore:", sorted(survived))
+    assert survived == running
+    assert cli.run("exec", name, "--", "systemctl", "is-system-running").stdout.strip() in (
+        "running", "degraded")
     stopped = cli.run("stop", name, "--timeout", "30")
     assert stopped.returncode == 0, stopped.stderr
     status = cli.json("status", name)

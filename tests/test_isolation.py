@@ -291,6 +291,16 @@ def test_sys_is_read_only(cli):
     assert result.stderr.count("Read-only file system") == 2, result.stderr
 
 
+def test_every_process_runs_under_the_bpf_filter(cli):
+    """The init and exec'd commands run under kamra's seccomp filter (bpf refused:
+    kamra.linux.seccomp; tests/test_seccomp.py shows the kernel enforcing it)."""
+    name = start(cli)
+    result = sh(cli, name, "grep -E '^Seccomp(_filters)?:' /proc/1/status /proc/self/status")
+    lines = result.stdout.split()
+    assert lines.count("2") == 2, result.stdout  # mode 2: filter, for both
+    assert "/proc/1/status:Seccomp_filters:" in result.stdout
+
+
 def test_dev_holds_only_the_allowed_devices(cli):
     name = start(cli)
     # Ptys of the host's devpts, open while we look: none of them may show inside.

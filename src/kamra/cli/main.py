@@ -206,10 +206,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         ck.add_argument("name")
         ck.add_argument("--leave-running", action="store_true",
                         help="keep the container running after the checkpoint")
+        ck.add_argument("--export", metavar="FILE",
+                        help="also write the checkpoint and the container's files to FILE "
+                             "(.tar.zst), to restore elsewhere with 'kamra restore --import'")
     if only in (None, "restore"):
         rs = cmd("restore", "bring a checkpointed container back: same processes, PIDs, "
                             "memory, files, address and TCP connections")
         rs.add_argument("name")
+        rs.add_argument("--import", dest="import_file", metavar="FILE",
+                        help="make the container NAME from a file written by 'kamra "
+                             "checkpoint --export' (same template needed here)")
     if only in (None, "destroy"):
         d = cmd("destroy", "destroy stopped containers and their files")
         d.add_argument("names", nargs="+", metavar="NAME")
@@ -587,9 +593,12 @@ def cmd_stop(client: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(client: Client, a: argparse.Namespace) -> int:
+    export = os.path.abspath(a.export) if a.export else None
     data = client.request("POST", f"/v1/containers/{a.name}/checkpoint",
-                          {"leave_running": a.leave_running})
+                          {"leave_running": a.leave_running, "export": export})
     took = (data.get("checkpoint") or {}).get("checkpoint_ms", "?")
+    if a.export:
+        print(f"wrote {a.export} ({(data.get('checkpoint') or {}).get('export', {}).get('bytes', 0) / 1e6:.1f} MB)")
     if a.leave_running:
         print(f"checkpointed {a.name} in {took} ms (still running)")
     else:
@@ -599,7 +608,8 @@ def cmd_checkpoint(client: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_restore(client: Client, a: argparse.Namespace) -> int:
-    data = client.request("POST", f"/v1/containers/{a.name}/restore")
+    body = {"import": os.path.abspath(a.import_file)} if a.import_file else {}
+    data = client.request("POST", f"/v1/containers/{a.name}/restore", body)
     print(f"restored {a.name} in {data.get('restore_ms', '?')} ms (pid {data.get('init_pid')})")
     return 0
 

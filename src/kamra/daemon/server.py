@@ -180,10 +180,13 @@ class Handler(BaseHTTPRequestHandler):
     def checkpoint_container(self, query: dict, name: str) -> None:
         body = self._body()
         self._send(200, self.host.checkpoints.checkpoint(
-            name, leave_running=bool(body.get("leave_running"))))
+            name, leave_running=bool(body.get("leave_running")),
+            export=body.get("export") or None))
 
     def restore_container(self, query: dict, name: str) -> None:
-        self._send(200, self.host.checkpoints.restore(name))
+        body = self._body()
+        self._send(200, self.host.checkpoints.restore(
+            name, import_file=body.get("import") or None))
 
     def stop_container(self, query: dict, name: str) -> None:
         body = self._body()

@@ -34,6 +34,7 @@ from kamra.engine.revert import Revert
 from kamra.errors import Conflict, KamraError, NotFound
 from kamra.linux import fdpass, libc, proc
 from kamra.runtime.keeper_client import KeeperError
+from kamra.state.base import Forward
 
 if TYPE_CHECKING:
     from kamra.engine.host import Host
@@ -92,7 +93,8 @@ class Checkpoints:
             return None
 
     # -- checkpoint ---------------------------------------------------------------------
-    def checkpoint(self, name: str, *, leave_running: bool = False) -> dict:
+    def checkpoint(self, name: str, *, leave_running: bool = False,
+                   export: str | None = None) -> dict:
         host = self.host
         with host._lock(name):
             record = host._record(name)
@@ -100,8 +102,13 @@ class Checkpoints:
                 raise Conflict(f"container {name!r} is not running: only a running container "
                                "can be checkpointed")
             self._check_dumpable(record)
+            if export is not None:
+                target = os.path.abspath(export)
+                if not os.path.isdir(os.path.dirname(target)) or os.path.isdir(target):
+                    raise NotFound(f"cannot export to {export}: give a file in an "
+                                   "existing directory")
             started = time.perf_counter()
-            meta = self._dump(record, leave_running)
+            meta = self._dump(record, leave_running, export)
             meta["checkpoint_ms"] = round((time.perf_counter() - started) * 1000, 1)
             if not leave_running:
                 # CRIU killed the tasks; the keeper reports the init's end.
@@ -129,7 +136,17 @@ class Checkpoints:
                 raise Conflict(f"container {name!r} cannot be checkpointed while a "
                                "'kamra exec' session runs in it: end the session first")
 
-    def _dump(self, record: ContainerRecord, leave_running: bool) -> dict:
+    def _manifest(self, record: ContainerRecord, meta: dict) -> dict:
+        container = {k: v for k, v in record.to_json().items()
+                     if k in ("name", "template", "template_digest", "hostname", "storage",
+                              "created_at", "init", "stop_signal", "console", "plan",
+                              "config")}
+        return {"container": container, "addresses": self.host.network.addresses(record.name),
+                "forwards": [f.to_json() for f in self.host.store.forwards(record.name)],
+                "checkpoint": meta}
+
+    def _dump(self, record: ContainerRecord, leave_running: bool,
+              export: str | None = None) -> dict:
         host = self.host
         name = record.name
         final = self.directory(name)
@@ -146,11 +163,32 @@ class Checkpoints:
             "tcp_skip_in_flight": True, "file_locks": True, "link_remap": True,
             "orphan_pts_master": True, "network_lock": NFTABLES,
             "external": [f"mnt[{path}]:lx{os.path.basename(path)}" for path in lxcfs],
+            # Mounted by systemd at /dev/hugepages; empty (no container uses huge pages
+            # unasked), so mounting it anew on restore is all CRIU needs to do.
+            "enable_fs": ["hugetlbfs"],
         }
+        meta = {"name": name, "created_at": time.time(), "lxcfs": lxcfs, "output": output,
+                "net_mode": host.network.mode(record), "hostname": record.hostname,
+                "leave_running": leave_running, "template_digest": record.template_digest}
+        exported: list[int] = []
+
+        def notify(script: str, pid: int, fds: list[int]) -> None:
+            for fd in fds:
+                os.close(fd)
+            if script == "post-dump" and export:
+                # The tasks are still frozen: files and images agree in the archive.
+                from kamra.checkpoint import archive
+
+                write_file(os.path.join(work, META), json.dumps(meta))
+                upper = host.storage(record).upper_dir(host.layout.container_dir(name))
+                exported.append(archive.write(export, self._manifest(record, meta), work,
+                                              upper))
+
         images = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             opts["images_dir_fd"] = images
-            Criu(criu_binary()).run("DUMP", opts, log_path=os.path.join(work, "dump.log"))
+            Criu(criu_binary()).run("DUMP", opts, log_path=os.path.join(work, "dump.log"),
+                                    notify=notify)
         except CriuError as exc:
             # CRIU resumes the tasks and unlocks the network when a dump fails.
             self._back_to_running(record)
@@ -168,10 +206,10 @@ class Checkpoints:
             raise
         finally:
             os.close(images)
-        meta = {"name": name, "created_at": time.time(), "lxcfs": lxcfs, "output": output,
-                "net_mode": host.network.mode(record), "hostname": record.hostname,
-                "leave_running": leave_running, "template_digest": record.template_digest}
         write_file(os.path.join(work, META), json.dumps(meta))
+        if exported:
+            meta = {**meta, "export": {"file": os.path.abspath(export or ""),
+                                       "bytes": exported[0]}}
         shutil.rmtree(final, ignore_errors=True)
         os.rename(work, final)
         return meta
@@ -182,9 +220,11 @@ class Checkpoints:
             self.host.store.update(record)
 
     # -- restore ------------------------------------------------------------------------
-    def restore(self, name: str) -> dict:
+    def restore(self, name: str, *, import_file: str | None = None) -> dict:
         host = self.host
         with host._lock(name):
+            if import_file is not None:
+                self._import(name, import_file)
             record = host._record(name)
             if record.state != "checkpointed":
                 raise Conflict(f"container {name!r} has no checkpoint to restore (it is "
@@ -307,6 +347,49 @@ class Checkpoints:
         finally:
             os.close(ns_fd)
         return {"ok": True}
+
+    def _import(self, name: str, path: str) -> None:
+        """Make container ``name`` from an exported checkpoint, in state checkpointed."""
+        from kamra.checkpoint import archive
+        from kamra.engine.host import raise_exists
+        from kamra.names import check_name
+        from kamra.state import ContainerRecord
+
+        check_name(name)
+        host = self.host
+        manifest = archive.read(path)
+        if host.store.get(name) is not None:
+            raise_exists(name)
+        saved = manifest["container"]
+        info = host.templates.get(saved["template"])
+        if info.digest != saved["template_digest"]:
+            raise Conflict(f"template {info.name!r} here is {info.digest}, the checkpoint "
+                           f"needs {saved['template_digest']}: import that template first")
+        record = ContainerRecord.from_json({**saved, "name": name, "state": "checkpointed"})
+        container_dir = host.layout.container_dir(name)
+        if os.path.exists(container_dir):
+            raise Conflict(f"{container_dir} exists but no container {name!r} is recorded: "
+                           "move it away first")
+        storage = host.storage(record)
+        with Revert() as revert:
+            revert.add("remove container dir", storage.destroy, container_dir)
+            storage.create(container_dir, info.rootfs)
+            host.store.insert(record)
+            revert.add("forget the container", host.store.delete, name)
+            revert.add("release addresses", host.network.release, name)
+            # The same addresses: the restored TCP connections are bound to them.
+            wanted = dict(record.config)
+            for address in manifest.get("addresses", []):
+                wanted["net.ipv6" if ":" in address else "net.ipv4"] = address
+            host.network.assign(ContainerRecord.from_json({**record.to_json(),
+                                                           "config": wanted}))
+            for forward in manifest.get("forwards", []):
+                host.store.add_forward(Forward(**{**forward, "container": name}))
+            archive.extract(path, container_dir)
+            quota = host.resources.limits(record).get("limits.disk")
+            if quota:
+                storage.set_quota(container_dir, quota)  # type: ignore[arg-type]
+            revert.success()
 
     def discard(self, name: str) -> None:
         shutil.rmtree(self.directory(name), ignore_errors=True)

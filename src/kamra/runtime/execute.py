@@ -14,7 +14,7 @@ import fcntl
 import os
 import socket
 
-from kamra.linux import caps, fdpass, libc, proc
+from kamra.linux import caps, fdpass, libc, proc, seccomp
 from kamra.runtime import child
 from kamra.runtime.initproc import DEFAULT_ENV
 
@@ -107,6 +107,8 @@ def _command(req: dict, stdio: tuple[int, int, int], tty: bool, report_w: int) -
         except LookupError as exc:
             child.report_and_exit(report_w, str(exc), 125)
         caps.drop(req.get("drop_caps", list(caps.DEFAULT_DROP)))
+        if seccomp.DENY_BPF is not None:  # as for the init (kamra.linux.seccomp)
+            seccomp.install(seccomp.DENY_BPF)
         env = dict(DEFAULT_ENV)
         env["HOME"] = home
         env["TERM"] = req.get("term") or ("xterm" if tty else "dumb")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import socket
 
-from kamra.linux import caps, fdpass, libc
+from kamra.linux import caps, fdpass, libc, seccomp
 from kamra.runtime import child
 from kamra.runtime.rootfs import StepFailed, enter_rootfs
 
@@ -184,6 +184,11 @@ def _finish_init(req: dict, stdio: Stdio, report_w: int, go_r: int | None) -> No
             caps.drop(req.get("drop_caps", list(caps.DEFAULT_DROP)))
         except OSError as exc:
             raise StepFailed("drop capabilities", exc) from exc
+        try:
+            if seccomp.DENY_BPF is not None:
+                seccomp.install(seccomp.DENY_BPF)
+        except OSError as exc:
+            raise StepFailed("install the seccomp filter", exc) from exc
         # The console is the init's stdio but not its controlling terminal, as when the
         # kernel starts init: an OS init hands it to the getty or shell it spawns, which
         # needs it as its own controlling terminal for job control.

@@ -1,0 +1,166 @@
+"""A checkpointed container as one portable file (``kamra checkpoint --export``).
+
+A zstd-compressed tar (GNU tar, like template archives, for xattrs and overlay
+whiteouts) holding, in this order:
+
+  kamra-checkpoint.json   the container's record, addresses, port forwards and the
+                          checkpoint's own metadata (format 1)
+  checkpoint/             CRIU's images and logs
+  upper/                  the container's files: its overlay upper directory
+
+The template is not inside: the importing host must hold the same template (same
+digest). Importing checks every member before GNU tar writes anything: names stay in
+those two directories, no member goes through a symlink, and the only special files
+are overlay whiteouts (character devices 0:0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import tarfile
+import tempfile
+from typing import Any, BinaryIO
+
+import zstandard
+
+from kamra.errors import InvalidInput, KamraError, NotFound
+from kamra.templates.zstdio import ZstdReader
+
+MANIFEST = "kamra-checkpoint.json"
+FORMAT = 1
+PARTS = ("checkpoint", "upper")
+_CHUNK = 1 << 20
+_TAR = ["--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner", "--sparse"]
+
+
+def write(path: str, manifest: dict[str, Any], checkpoint_dir: str, upper_dir: str) -> int:
+    """Write the archive to ``path`` atomically; returns its size in bytes."""
+    target = os.path.abspath(path)
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        raise NotFound(f"cannot export to {path}: directory {directory} does not exist")
+    if os.path.isdir(target):
+        raise InvalidInput(f"cannot export to {path}: it is a directory")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", dir=directory)
+    try:
+        with tempfile.TemporaryDirectory(prefix="kamra-export-") as staging:
+            with open(os.path.join(staging, MANIFEST), "w") as f:
+                json.dump({**manifest, "format": FORMAT}, f)
+            argv = ["tar", *_TAR, "-cf", "-", "-C", staging, MANIFEST,
+                    "-C", os.path.dirname(checkpoint_dir), "--transform",
+                    f"s,^{os.path.basename(checkpoint_dir)},checkpoint,S",
+                    os.path.basename(checkpoint_dir),
+                    "-C", os.path.dirname(upper_dir), "--transform",
+                    f"s,^{os.path.basename(upper_dir)},upper,S", os.path.basename(upper_dir)]
+            with open(fd, "wb") as out, tempfile.TemporaryFile() as err:
+                _compress(argv, out, err)
+                out.flush()
+                os.fsync(out.fileno())
+        os.chmod(tmp, 0o600)  # process memory: keys, passwords
+        os.rename(tmp, target)
+        return os.stat(target).st_size
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _compress(argv: list[str], out: BinaryIO, err: BinaryIO) -> None:
+    cctx = zstandard.ZstdCompressor(level=3, threads=-1, write_checksum=True)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    assert proc.stdout is not None
+    try:
+        with cctx.stream_writer(out, closefd=False) as writer:
+            while chunk := proc.stdout.read(_CHUNK):
+                writer.write(chunk)
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if code != 0:
+        err.seek(0)
+        raise KamraError(f"writing the archive failed: tar: "
+                         f"{err.read().decode(errors='replace').strip()[-300:]}")
+
+
+def _open(path: str) -> BinaryIO:
+    try:
+        return open(path, "rb")  # noqa: SIM115 - closed by the caller
+    except FileNotFoundError:
+        raise NotFound(f"archive {path} not found") from None
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _problem(member: tarfile.TarInfo, links: set[str]) -> str | None:
+    name = member.name.rstrip("/")
+    parts = name.split("/")
+    if name == MANIFEST:
+        return None if member.isfile() else "the manifest is not a file"
+    if member.name.startswith("/") or ".." in parts or parts[0] not in PARTS:
+        return f"member {member.name!r} lies outside checkpoint/ and upper/"
+    for i in range(1, len(parts)):
+        if "/".join(parts[:i]) in links:
+            return f"member {member.name!r} goes through a symlink"
+    if member.issym():
+        links.add(name)
+    if member.islnk():
+        target = member.linkname.split("/")
+        if target[0] not in PARTS or ".." in target:
+            return f"hard link {member.name!r} points outside the archive"
+    if member.isdev() or member.isfifo():
+        whiteout = member.ischr() and member.devmajor == 0 and member.devminor == 0
+        if not (whiteout and parts[0] == "upper"):
+            return f"member {member.name!r} is a device or FIFO"
+    return None
+
+
+def read(path: str) -> dict[str, Any]:
+    """Check every member; return the manifest. Nothing is written."""
+    label = f"archive {path}"
+    manifest: dict[str, Any] | None = None
+    links: set[str] = set()
+    with _open(path) as f:
+        reader = ZstdReader(f, label, lambda n: None)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                for member in tar:
+                    problem = _problem(member, links)
+                    if problem:
+                        raise InvalidInput(f"{label} is refused: {problem}")
+                    if member.name == MANIFEST:
+                        data = tar.extractfile(member)
+                        manifest = json.loads(data.read()) if data else None
+        except (tarfile.TarError, ValueError) as exc:
+            raise InvalidInput(f"{label} is not a kamra checkpoint archive: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InvalidInput(f"{label} is not a kamra checkpoint archive (format {FORMAT})")
+    return manifest
+
+
+def extract(path: str, into: str) -> None:
+    """Unpack checkpoint/ and upper/ into ``into`` (after ``read`` accepted the file)."""
+    with _open(path) as f, tempfile.TemporaryFile() as err:
+        reader = ZstdReader(f, f"archive {path}", lambda n: None)
+        argv = ["tar", *_TAR, "--no-wildcards", "-xpf", "-", "-C", into, *PARTS]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=err)
+        assert proc.stdin is not None
+        try:
+            with contextlib.suppress(BrokenPipeError):
+                while chunk := reader.read(_CHUNK):
+                    proc.stdin.write(chunk)
+                proc.stdin.close()
+            code = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if code != 0:
+            err.seek(0)
+            raise KamraError(f"unpacking {path} failed: tar: "
+                             f"{err.read().decode(errors='replace').strip()[-300:]}")
