@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import pytest
 from conftest import unique
 
 STREAM = ("i=0; while :; do echo $i; i=$((i+1)); sleep 0.01; done | nc -l -p 5000")
@@ -60,9 +61,10 @@ def connect_when_listening(address: str) -> SequenceReader:
             time.sleep(0.05)
 
 
-def test_checkpoint_and_restore_keep_an_established_tcp_stream(host):
+@pytest.mark.parametrize("mode", ["routed", "bridge"])
+def test_checkpoint_and_restore_keep_an_established_tcp_stream(host, mode):
     name = unique()
-    host.create(name, "busybox", init=["/bin/sh", "-c", STREAM])
+    host.create(name, "busybox", init=["/bin/sh", "-c", STREAM], config={"net.mode": mode})
     status = host.start(name)
     address = status["addresses"][0]
     reader = connect_when_listening(address)
