@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,20 @@ def lxcfs_mounts(pid: int) -> list[str]:
             if fields[sep + 1].startswith("fuse") and fields[4].startswith("/proc/"):
                 found.append(fields[4])
     return found
+
+
+def _replace_dir(new: str, final: str) -> None:
+    """Put ``new`` in place of ``final``; the old one is removed in the background (a
+    gigabyte of images takes a while to unlink, and nobody needs to wait for it)."""
+    old = f"{final}.old-{os.urandom(3).hex()}"
+    try:
+        os.rename(final, old)
+    except FileNotFoundError:
+        old = ""
+    os.rename(new, final)
+    if old:
+        threading.Thread(target=shutil.rmtree, args=(old, True), daemon=True,
+                         name="kamra-rm-checkpoint").start()
 
 
 def _output_pipe(pid: int) -> str | None:
@@ -131,10 +146,13 @@ class Checkpoints:
         # namespace: fewer levels of pids than the init (a nested namespace has more).
         depth = len(proc.status_fields(record.init_pid).get("NSpid", "").split())
         for pid in self.host.cgroups.pids(name):
-            levels = proc.status_fields(pid).get("NSpid", "").split()
-            if levels and len(levels) < depth:
+            fields = proc.status_fields(pid)
+            levels = fields.get("NSpid", "").split()
+            # (The restore helper of a restore just done may still be on its way out.)
+            if levels and len(levels) < depth and fields.get("Name") != "kamra-restore":
                 raise Conflict(f"container {name!r} cannot be checkpointed while a "
-                               "'kamra exec' session runs in it: end the session first")
+                               f"'kamra exec' session runs in it (host pid {pid}): end "
+                               "the session first")
 
     def _manifest(self, record: ContainerRecord, meta: dict) -> dict:
         container = {k: v for k, v in record.to_json().items()
@@ -207,11 +225,10 @@ class Checkpoints:
         finally:
             os.close(images)
         write_file(os.path.join(work, META), json.dumps(meta))
+        _replace_dir(work, final)
         if exported:
             meta = {**meta, "export": {"file": os.path.abspath(export or ""),
                                        "bytes": exported[0]}}
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(work, final)
         return meta
 
     def _back_to_running(self, record: ContainerRecord) -> None:
@@ -392,5 +409,12 @@ class Checkpoints:
             revert.success()
 
     def discard(self, name: str) -> None:
-        shutil.rmtree(self.directory(name), ignore_errors=True)
-        shutil.rmtree(self.directory(name) + ".new", ignore_errors=True)
+        """Remove the checkpoint and whatever an interrupted one left."""
+        base = self.directory(name)
+        parent = os.path.dirname(base)
+        try:
+            leftovers = [e for e in os.listdir(parent) if e.startswith(CHECKPOINT + ".")]
+        except FileNotFoundError:
+            return
+        for entry in [CHECKPOINT, *leftovers]:
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import socket
 
+# Imported here, in the keeper, not in each forked helper (about 10 ms per restore).
+from kamra.checkpoint.criu import Criu, CriuError
 from kamra.linux import fdpass
 from kamra.runtime import child
 
@@ -52,8 +54,6 @@ def _ask(conn: socket.socket, script: str, pid: int) -> None:
 
 
 def _run(conn: socket.socket, adopt: socket.socket, req: dict, fds: list[int]) -> None:
-    from kamra.checkpoint.criu import Criu, CriuError
-
     child.write_cgroup_procs(req.get("cgroup_procs", []))
     opts = dict(req["opts"])
     opts["images_dir_fd"] = fds[0]  # opened by CRIU through /proc/<us>/fd
