@@ -36,8 +36,10 @@ _CHUNK = 1 << 20
 _TAR = ["--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner", "--sparse"]
 
 
-def write(path: str, manifest: dict[str, Any], checkpoint_dir: str, upper_dir: str) -> int:
-    """Write the archive to ``path`` atomically; returns its size in bytes."""
+def write(path: str, manifest: dict[str, Any], checkpoint_dir: str | None,
+          upper_dir: str) -> int:
+    """Write the archive to ``path`` atomically; returns its size in bytes. Without a
+    ``checkpoint_dir`` it holds the files only (a stopped container)."""
     target = os.path.abspath(path)
     directory = os.path.dirname(target)
     if not os.path.isdir(directory):
@@ -49,11 +51,12 @@ def write(path: str, manifest: dict[str, Any], checkpoint_dir: str, upper_dir: s
         with tempfile.TemporaryDirectory(prefix="kamra-export-") as staging:
             with open(os.path.join(staging, MANIFEST), "w") as f:
                 json.dump({**manifest, "format": FORMAT}, f)
-            argv = ["tar", *_TAR, "-cf", "-", "-C", staging, MANIFEST,
-                    "-C", os.path.dirname(checkpoint_dir), "--transform",
-                    f"s,^{os.path.basename(checkpoint_dir)},checkpoint,S",
-                    os.path.basename(checkpoint_dir),
-                    "-C", os.path.dirname(upper_dir), "--transform",
+            argv = ["tar", *_TAR, "-cf", "-", "-C", staging, MANIFEST]
+            if checkpoint_dir is not None:
+                argv += ["-C", os.path.dirname(checkpoint_dir), "--transform",
+                         f"s,^{os.path.basename(checkpoint_dir)},checkpoint,S",
+                         os.path.basename(checkpoint_dir)]
+            argv += ["-C", os.path.dirname(upper_dir), "--transform",
                     f"s,^{os.path.basename(upper_dir)},upper,S", os.path.basename(upper_dir)]
             with open(fd, "wb") as out, tempfile.TemporaryFile() as err:
                 _compress(argv, out, err)
@@ -146,7 +149,9 @@ def extract(path: str, into: str) -> None:
     """Unpack checkpoint/ and upper/ into ``into`` (after ``read`` accepted the file)."""
     with _open(path) as f, tempfile.TemporaryFile() as err:
         reader = ZstdReader(f, f"archive {path}", lambda n: None)
-        argv = ["tar", *_TAR, "--no-wildcards", "-xpf", "-", "-C", into, *PARTS]
+        # Members that are not in the archive (no checkpoint/ for a stopped container)
+        # are not an error: every member was checked by ``read`` already.
+        argv = ["tar", *_TAR, "-xpf", "-", "-C", into]
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=err)
         assert proc.stdin is not None

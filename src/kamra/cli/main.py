@@ -29,7 +29,7 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 
 COMMAND_NAMES = ("template", "create", "start", "stop", "restart", "checkpoint", "restore",
-                 "destroy", "list", "status",
+                 "migrate", "remote", "destroy", "list", "status",
                  "ps", "exec", "enter", "console", "run", "daemon", "set", "config", "plan",
                  "beancounters", "stats", "network", "port")
 
@@ -216,6 +216,36 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         rs.add_argument("--import", dest="import_file", metavar="FILE",
                         help="make the container NAME from a file written by 'kamra "
                              "checkpoint --export' (same template needed here)")
+    if only in (None, "migrate"):
+        mg = cmd("migrate", "move a container to another kamra host (see 'kamra remote'): "
+                            "live with its processes and TCP connections when CRIU can, else "
+                            "stopped here and started there")
+        mg.add_argument("name")
+        mg.add_argument("remote")
+        mg.add_argument("--mode", choices=("auto", "live", "restart"), default="auto",
+                        help="auto (default): live when CRIU can dump it, else restart, "
+                             "saying why; live: never falls back; restart: stop, copy, start")
+        mg.add_argument("--lazy", action="store_true",
+                        help="post-copy memory (CRIU lazy pages): not available yet")
+        fmt(mg)
+    if only in (None, "remote"):
+        rm = cmd("remote", "other kamra hosts to migrate to, and listening for them")
+        rmsub = rm.add_subparsers(dest="remote_command", metavar="ACTION")
+        rmsub.required = True
+        ra = rmsub.add_parser("add", help="add a remote: kamra remote add b 192.0.2.7:8443 "
+                                          "--token T (its certificate is pinned now)")
+        ra.add_argument("name")
+        ra.add_argument("address", metavar="HOST[:PORT]")
+        ra.add_argument("--token", required=True,
+                        help="the token 'kamra remote token' printed on that host")
+        rl = rmsub.add_parser("list", help="list remotes (and where this host listens)")
+        fmt(rl)
+        rr = rmsub.add_parser("remove", help="forget a remote")
+        rr.add_argument("name")
+        rli = rmsub.add_parser("listen", help="accept other hosts on HOST[:PORT] (TLS, "
+                                              "default port 8443); kept across restarts")
+        rli.add_argument("address", metavar="HOST[:PORT]")
+        rmsub.add_parser("token", help="make a token another host needs to add this one")
     if only in (None, "destroy"):
         d = cmd("destroy", "destroy stopped containers and their files")
         d.add_argument("names", nargs="+", metavar="NAME")
@@ -614,6 +644,44 @@ def cmd_restore(client: Client, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(client: Client, a: argparse.Namespace) -> int:
+    data = client.request("POST", f"/v1/containers/{a.name}/migrate",
+                          {"remote": a.remote, "mode": a.mode, "lazy": a.lazy})
+    if a.format == "json":
+        _json(data)
+        return 0
+    if data.get("reason"):
+        print(f"live migration not possible ({data['reason']}): used restart mode")
+    print(f"migrated {a.name} to {a.remote} ({data['mode']}): {data['bytes'] / 1e6:.1f} MB "
+          f"sent, downtime {data['downtime_ms']:.0f} ms, total {data['total_ms']:.0f} ms")
+    return 0
+
+
+def cmd_remote(client: Client, a: argparse.Namespace) -> int:
+    action = a.remote_command
+    if action == "list":
+        data = client.request("GET", "/v1/remotes")
+        if a.format == "json":
+            _json(data)
+            return 0
+        print(f"listening on {data['listen'] or '- (kamra remote listen HOST[:PORT])'}")
+        _table([[r["name"], r["address"], r["fingerprint"][:23] + "..."]
+                for r in data["remotes"]], ["NAME", "ADDRESS", "FINGERPRINT"])
+    elif action == "add":
+        data = client.request("POST", "/v1/remotes",
+                              {"name": a.name, "address": a.address, "token": a.token})
+        print(f"added remote {a.name} at {a.address}; its certificate {data['fingerprint']} "
+              "is pinned")
+    elif action == "remove":
+        client.request("DELETE", f"/v1/remotes/{a.name}")
+    elif action == "listen":
+        data = client.request("POST", "/v1/remote/listen", {"address": a.address})
+        print(f"listening on {data['address']}; certificate {data['fingerprint']}")
+    else:
+        print(client.request("POST", "/v1/remote/token")["token"])
+    return 0
+
+
 def cmd_restart(client: Client, a: argparse.Namespace) -> int:
     body = {"timeout": a.timeout}
     return _each(a.names, lambda n: client.request("POST", f"/v1/containers/{n}/restart", body))
@@ -853,7 +921,8 @@ def cmd_port(client: Client, a: argparse.Namespace) -> int:
 
 COMMANDS = {
     "template": cmd_template, "create": cmd_create, "start": cmd_start, "stop": cmd_stop,
-    "checkpoint": cmd_checkpoint, "restore": cmd_restore,
+    "checkpoint": cmd_checkpoint, "restore": cmd_restore, "migrate": cmd_migrate,
+    "remote": cmd_remote,
     "restart": cmd_restart, "destroy": cmd_destroy, "list": cmd_list, "status": cmd_status,
     "ps": cmd_ps, "exec": cmd_exec, "enter": cmd_enter, "console": cmd_console,
     "run": cmd_run, "daemon": cmd_daemon, "set": cmd_set, "config": cmd_config,

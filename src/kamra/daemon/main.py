@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     # Builds and imports that a crash interrupted left scratch dirs: none runs yet.
     for leftover in host.templates.cleanup_scratch():
         logging.info("removed unfinished template work %s", leftover)
+    try:
+        host.listen()  # for other kamra hosts, if an address was configured
+    except KamraError as exc:
+        logging.error("%s", exc.message)
     server = UnixHTTPServer(layout.daemon_socket, host)
     write_pid_file(layout.daemon_pid)
 

@@ -188,6 +188,35 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, self.host.checkpoints.restore(
             name, import_file=body.get("import") or None))
 
+    def migrate_container(self, query: dict, name: str) -> None:
+        body = self._body()
+        if body.get("lazy"):
+            raise InvalidInput("--lazy (post-copy) is not available yet: migrate without it")
+        self._send(200, self.host.migrations.migrate(name, _str(body, "remote"),
+                                                     str(body.get("mode") or "auto")))
+
+    def remote_listen(self, query: dict) -> None:
+        self._send(200, self.host.listen(_str(self._body(), "address")))
+
+    def remote_token(self, query: dict) -> None:
+        self._send(200, {"token": self.host.migrations.remotes.new_token()})
+
+    def list_remotes(self, query: dict) -> None:
+        store = self.host.migrations.remotes
+        self._send(200, {"listen": store.listen_address(),
+                         "remotes": [{"name": n, "address": r["address"],
+                                      "fingerprint": r["fingerprint"]}
+                                     for n, r in sorted(store.remotes().items())]})
+
+    def add_remote(self, query: dict) -> None:
+        body = self._body()
+        self._send(201, self.host.migrations.add_remote(
+            _str(body, "name"), _str(body, "address"), str(body.get("token") or "")))
+
+    def remove_remote(self, query: dict, name: str) -> None:
+        self.host.migrations.remotes.remove(name)
+        self._send(200, {"ok": True})
+
     def stop_container(self, query: dict, name: str) -> None:
         body = self._body()
         self._send(200, self.host.stop(name, _timeout(body), force=bool(body.get("force"))))
@@ -414,6 +443,12 @@ ROUTES: list[Route] = [
         ("POST", "/v1/containers/{name}/restart", Handler.restart_container),
         ("POST", "/v1/containers/{name}/checkpoint", Handler.checkpoint_container),
         ("POST", "/v1/containers/{name}/restore", Handler.restore_container),
+        ("POST", "/v1/containers/{name}/migrate", Handler.migrate_container),
+        ("GET", "/v1/remotes", Handler.list_remotes),
+        ("POST", "/v1/remotes", Handler.add_remote),
+        ("DELETE", "/v1/remotes/{name}", Handler.remove_remote),
+        ("POST", "/v1/remote/listen", Handler.remote_listen),
+        ("POST", "/v1/remote/token", Handler.remote_token),
         ("GET", "/v1/containers/{name}/ps", Handler.ps_container),
         ("POST", "/v1/containers/{name}/exec", Handler.exec_container),
         ("POST", "/v1/containers/{name}/console", Handler.console_container),

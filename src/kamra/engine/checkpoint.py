@@ -27,6 +27,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kamra.atomic import write_file
@@ -47,6 +48,10 @@ CHECKPOINT = "checkpoint"
 META = "checkpoint.json"
 NFTABLES = 2  # criu_network_lock_method
 CG_IGNORE = 0  # criu_cg_mode
+
+
+class DumpFailed(KamraError):
+    """CRIU could not dump the container, which keeps running."""
 
 
 def criu_binary() -> str:
@@ -164,7 +169,10 @@ class Checkpoints:
                 "checkpoint": meta}
 
     def _dump(self, record: ContainerRecord, leave_running: bool,
-              export: str | None = None) -> dict:
+              export: str | None = None,
+              post_dump: Callable[[str, dict], None] | None = None) -> dict:
+        """CRIU's dump into the checkpoint directory. ``post_dump(images, meta)`` runs
+        while the tasks are still frozen; if it raises, CRIU resumes them."""
         host = self.host
         name = record.name
         final = self.directory(name)
@@ -193,6 +201,9 @@ class Checkpoints:
         def notify(script: str, pid: int, fds: list[int]) -> None:
             for fd in fds:
                 os.close(fd)
+            if script == "post-dump" and post_dump is not None:
+                write_file(os.path.join(work, META), json.dumps(meta))
+                post_dump(work, meta)
             if script == "post-dump" and export:
                 # The tasks are still frozen: files and images agree in the archive.
                 from kamra.checkpoint import archive
@@ -216,7 +227,7 @@ class Checkpoints:
             except OSError:
                 kept = exc.log_path or kept
             shutil.rmtree(work, ignore_errors=True)
-            raise KamraError(f"checkpoint of {name!r} failed: {exc.message} (CRIU's log: "
+            raise DumpFailed(f"checkpoint of {name!r} failed: {exc.message} (CRIU's log: "
                              f"{kept}); the container keeps running") from None
         except BaseException:
             self._back_to_running(record)
@@ -382,7 +393,8 @@ class Checkpoints:
         if info.digest != saved["template_digest"]:
             raise Conflict(f"template {info.name!r} here is {info.digest}, the checkpoint "
                            f"needs {saved['template_digest']}: import that template first")
-        record = ContainerRecord.from_json({**saved, "name": name, "state": "checkpointed"})
+        state = "checkpointed" if manifest.get("checkpoint") else "stopped"
+        record = ContainerRecord.from_json({**saved, "name": name, "state": state})
         container_dir = host.layout.container_dir(name)
         if os.path.exists(container_dir):
             raise Conflict(f"{container_dir} exists but no container {name!r} is recorded: "

@@ -71,6 +71,10 @@ class Host:
         from kamra.engine.checkpoint import Checkpoints
 
         self.checkpoints = Checkpoints(self)
+        from kamra.engine.migrate import Migrations
+
+        self.migrations = Migrations(self)
+        self.remote_listener = None  # kamra.remote.listener.RemoteListener, see listen()
         self.cgroups: CgroupDriver = driver_for_host(self.layout.root_id)
         self.keeper = KeeperClient(self.layout)
         self.keeper.ensure_running()
@@ -262,8 +266,31 @@ class Host:
                     return None
                 self._exit_cond.wait(remaining if remaining is not None else 1.0)
 
+    def listen(self, address: str | None = None) -> dict:
+        """Listen for other kamra hosts on ``address`` (saved), or on the saved one."""
+        from kamra.remote.listener import RemoteListener
+
+        store = self.migrations.remotes
+        if address is None:
+            address = store.listen_address()
+            if address is None:
+                return {"address": None}
+        if self.remote_listener is not None:  # (the new one may want the same port)
+            self.remote_listener.close()
+            self.remote_listener = None
+        try:
+            listener = RemoteListener(store, address, self.migrations.serve)
+        except OSError as exc:
+            raise KamraError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        self.remote_listener = listener
+        store.set_listen_address(address)
+        return {"address": address, "fingerprint": listener.fingerprint}
+
     def shutting_down(self) -> None:
         """From now on a closed keeper connection is expected, not an error."""
+        if self.remote_listener is not None:
+            self.remote_listener.close()
+            self.remote_listener = None
         self._closed = True
         self.release_standby()
 

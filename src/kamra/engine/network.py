@@ -345,6 +345,25 @@ class Networking:
         self.firewall.add_forward(forward.proto, forward.host_port, v4[0], forward.ct_port,
                                   forward.host_ip or None)
 
+    def announce(self, record: ContainerRecord) -> None:
+        """After a migration: tell the segment where the container's addresses are now
+        (routed: the uplink answers for them; bridged: the container's own eth0)."""
+        from kamra.network import link, netns
+
+        mode = self.mode(record)
+        addresses = self.addresses(record.name)
+        try:
+            if mode == "routed" and self.config.uplink:
+                link.announce(self.config.uplink, addresses)
+            elif mode == "bridge" and record.init_pid:
+                fd = os.open(f"/proc/{record.init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    netns.run_in_netns(fd, link.announce, "eth0", addresses)
+                finally:
+                    os.close(fd)
+        except (KamraError, OSError) as exc:
+            log.warning("announcing %s: %s", record.name, exc)
+
     def teardown(self, record: ContainerRecord) -> None:
         """Remove everything kamra added on the host for this container. Idempotent."""
         from kamra.network import link, tc

@@ -352,3 +352,25 @@ def proxy_neighbours(uplink: str) -> list[str]:
             return []
         return [msg.get_attr("NDA_DST") for family in (AF_INET, AF_INET6)
                 for msg in nl.proxy_neighs(family) if msg["ifindex"] == index]
+
+
+def announce(ifname: str, addresses: Sequence[str]) -> None:
+    """Gratuitous ARP for each IPv4 address from ``ifname`` (in the calling thread's
+    namespace): neighbours that knew the address at another MAC (the host a container
+    migrated from) update at once instead of after their cache times out."""
+    import socket
+    import struct
+
+    v4 = [a for a in addresses if ipaddress.ip_address(a).version == 4]
+    if not v4:
+        return
+    with _step(f"announce {', '.join(v4)} on {ifname}"), \
+            socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806)) as raw:
+        raw.bind((ifname, 0))
+        mac = raw.getsockname()[4]
+        for address in v4:
+            ip = socket.inet_aton(address)
+            # Ethernet broadcast, ARP request: "who has ADDR? tell ADDR (at MAC)".
+            frame = b"\xff" * 6 + mac + struct.pack("!H", 0x0806) + \
+                struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip + b"\x00" * 6 + ip
+            raw.send(frame)

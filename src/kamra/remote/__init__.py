@@ -1,0 +1,1 @@
+"""Other kamra hosts: TLS with pinned certificates, token authentication, a framed wire."""

@@ -1,0 +1,76 @@
+"""Messages between kamra hosts: a JSON header and optional raw bytes, length-prefixed.
+
+Frame: 4-byte header length, 8-byte payload length (network order), the header (JSON),
+the payload. Files travel as a sequence of ``{"op": "chunk"}`` frames ended by
+``{"op": "end"}``, so a receiver never buffers more than one chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from collections.abc import Callable
+from typing import BinaryIO
+
+_FRAME = struct.Struct("!IQ")
+MAX_HEADER = 1 << 20
+CHUNK = 1 << 20
+
+
+class WireError(Exception):
+    pass
+
+
+def send(sock: socket.socket, message: dict, payload: bytes = b"") -> None:
+    header = json.dumps(message, separators=(",", ":")).encode()
+    sock.sendall(_FRAME.pack(len(header), len(payload)) + header + payload)
+
+
+def _exact(sock: socket.socket, size: int) -> bytes:
+    chunks, remaining = [], size
+    while remaining:
+        data = sock.recv(min(remaining, CHUNK))
+        if not data:
+            raise WireError("the other host closed the connection")
+        chunks.append(data)
+        remaining -= len(data)
+    return b"".join(chunks)
+
+
+def recv(sock: socket.socket, max_payload: int = 4 * CHUNK) -> tuple[dict, bytes]:
+    head, size = _FRAME.unpack(_exact(sock, _FRAME.size))
+    if head > MAX_HEADER or size > max_payload:
+        raise WireError(f"oversized message ({head} + {size} bytes)")
+    message = json.loads(_exact(sock, head))
+    if not isinstance(message, dict):
+        raise WireError("malformed message")
+    return message, _exact(sock, size) if size else b""
+
+
+def send_file(sock: socket.socket, f: BinaryIO,
+              progress: Callable[[int], None] | None = None) -> int:
+    sent = 0
+    while chunk := f.read(CHUNK):
+        send(sock, {"op": "chunk"}, chunk)
+        sent += len(chunk)
+        if progress:
+            progress(sent)
+    send(sock, {"op": "end", "bytes": sent})
+    return sent
+
+
+def recv_file(sock: socket.socket, out: BinaryIO, limit: int) -> int:
+    got = 0
+    while True:
+        message, payload = recv(sock)
+        if message.get("op") == "end":
+            if message.get("bytes") != got:
+                raise WireError("the file arrived incomplete")
+            return got
+        if message.get("op") != "chunk":
+            raise WireError(f"expected file data, got {message.get('op')!r}")
+        got += len(payload)
+        if got > limit:
+            raise WireError(f"the file is larger than {limit} bytes")
+        out.write(payload)

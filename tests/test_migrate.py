@@ -1,0 +1,234 @@
+"""Two kamra hosts on one machine: remotes over TLS with tokens, and migrations between them.
+
+Each host is a kamrad with its own data root in its own network namespace; they share
+nothing but a bridge ("the LAN") with a third namespace, the client. Every byte that
+moves between the hosts crosses TCP. Containers are routed with the uplink on the LAN
+(proxy ARP), without NAT, so the client reaches a container's own address on whichever
+host runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+
+import pytest
+from conftest import Cli, cli_teardown, force_cleanup, install_template, leftovers, unique
+from test_network import _add_veth, ns_run
+
+from kamra.network import netns
+from kamra.paths import Layout
+
+A_ADDR, B_ADDR, CLIENT = "198.51.100.1", "198.51.100.2", "198.51.100.9"
+STREAM = "i=0; while :; do echo $i; i=$((i+1)); sleep 0.01; done | nc -l -p 5000"
+
+
+class Hosts:
+    def __init__(self, busybox_cache: str):
+        self.fds: list[int] = []
+        self.lan = self._ns()
+        self.a, self.b, self.client = self._ns(), self._ns(), self._ns()
+        ns_run(self.lan, ["ip", "link", "add", "br0", "type", "bridge"])
+        ns_run(self.lan, ["ip", "link", "set", "br0", "up"])
+        for fd, inside, outside, address in ((self.a, "up0", "pa", A_ADDR),
+                                             (self.b, "up0", "pb", B_ADDR),
+                                             (self.client, "c0", "pc", CLIENT)):
+            netns.run_in_netns(self.lan, _add_veth, outside, inside, fd)
+            ns_run(self.lan, ["ip", "link", "set", outside, "master", "br0", "up"])
+            ns_run(fd, ["ip", "addr", "add", f"{address}/24", "dev", inside])
+            ns_run(fd, ["ip", "link", "set", inside, "up"])
+        ns_run(self.client, ["ip", "route", "add", "10.73.0.0/16", "dev", "c0"])
+        self.roots = [tempfile.mkdtemp(prefix="kamra-test-") for _ in range(2)]
+        for root in self.roots:
+            install_template(root, busybox_cache)
+            with open(os.path.join(root, "network.toml"), "w") as f:
+                f.write('[network]\nuplink = "up0"\n')
+        self.cli_a = Cli(self.roots[0], netns=self.a)
+        self.cli_b = Cli(self.roots[1], netns=self.b)
+
+    def _ns(self) -> int:
+        fd = netns.new_netns()
+        self.fds.append(fd)
+        ns_run(fd, ["ip", "link", "set", "lo", "up"])
+        return fd
+
+    def pair(self) -> None:
+        """Each host listens for the other and knows it as a remote."""
+        for cli, other, address, remote in ((self.cli_b, self.cli_a, B_ADDR, "b"),
+                                            (self.cli_a, self.cli_b, A_ADDR, "a")):
+            cli.run("remote", "listen", address, check=True)
+            token = cli.run("remote", "token", check=True).stdout.strip()
+            other.run("remote", "add", remote, address, "--token", token, check=True)
+
+    def close(self) -> None:
+        problems = []
+        for cli, root in ((self.cli_a, self.roots[0]), (self.cli_b, self.roots[1])):
+            cli_teardown(cli, root)
+            layout = Layout.at(root)
+            deadline = time.monotonic() + 3
+            while (found := leftovers(layout)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if found:
+                force_cleanup(layout)
+            problems += found
+            shutil.rmtree(root, ignore_errors=True)
+        for fd in self.fds:
+            os.close(fd)
+        assert not problems, f"test left behind: {problems}"
+
+
+@pytest.fixture
+def hosts(busybox_cache):
+    h = Hosts(busybox_cache)
+    yield h
+    h.close()
+
+
+class Stream(threading.Thread):
+    """The client's connection to the container's counter, made in the client namespace."""
+
+    def __init__(self, client_ns: int, address: str):
+        super().__init__(daemon=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.sock = netns.run_in_netns(client_ns, socket.create_connection,
+                                               (address, 5000), 60)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.numbers: list[int] = []
+        self.end: str | None = None
+        self.start()
+
+    def run(self) -> None:
+        buffer = b""
+        try:
+            while True:
+                data = self.sock.recv(4096)
+                if not data:
+                    self.end = "EOF"
+                    return
+                buffer += data
+                *lines, buffer = buffer.split(b"\n")
+                self.numbers.extend(int(line) for line in lines)
+        except OSError as exc:
+            self.end = repr(exc)
+
+    def more(self, count: int = 50, timeout: float = 30) -> None:
+        want = len(self.numbers) + count
+        deadline = time.monotonic() + timeout
+        while len(self.numbers) < want and time.monotonic() < deadline and self.end is None:
+            time.sleep(0.02)
+        assert len(self.numbers) >= want, f"the stream stalled ({self.end})"
+
+    def check(self) -> None:
+        numbers = list(self.numbers)
+        assert numbers == list(range(len(numbers))), "gap or duplicate in the stream"
+        assert self.end is None, self.end
+
+
+def test_remotes_pin_certificates_and_need_tokens(hosts):
+    a, b = hosts.cli_a, hosts.cli_b
+    b.run("remote", "listen", B_ADDR, check=True)
+    wrong = a.run("remote", "add", "b", B_ADDR, "--token", "not-a-token")
+    assert wrong.returncode != 0 and "token" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    token = b.run("remote", "token", check=True).stdout.strip()
+    added = a.run("remote", "add", "b", f"{B_ADDR}:8443", "--token", token, check=True)
+    listing = a.json("remote", "list")
+    assert [r["name"] for r in listing["remotes"]] == ["b"]
+    assert listing["remotes"][0]["fingerprint"] in added.stdout
+    assert token not in str(listing)  # the token is a secret: never listed
+    again = a.run("remote", "add", "b", B_ADDR, "--token", token)
+    assert again.returncode != 0 and "exists" in again.stderr
+    # B gets a new certificate (a reinstalled host): A refuses to talk to it.
+    shutil.rmtree(os.path.join(hosts.roots[1], "remote", "tls"))
+    b.run("remote", "listen", B_ADDR, check=True)
+    name = unique()
+    a.run("create", name, "--template", "busybox", check=True)
+    refused = a.run("migrate", name, "b")
+    assert refused.returncode != 0 and "pinned" in refused.stderr, refused.stderr
+    assert a.json("status", name)["state"] == "stopped"
+    a.run("remote", "remove", "b", check=True)
+    assert a.json("remote", "list")["remotes"] == []
+
+
+def test_live_migration_there_and_back_keeps_the_tcp_stream(hosts):
+    hosts.pair()
+    a, b = hosts.cli_a, hosts.cli_b
+    name = unique()
+    a.run("create", name, "--template", "busybox", "-c", "net.nat=false", check=True)
+    a.run("start", name, check=True)
+    a.run("exec", name, "--", "sh", "-c",
+          f"setsid sh -c '{STREAM}' </dev/null >/dev/null 2>&1 &", check=True)
+    address = a.json("status", name)["addresses"][0]
+    stream = Stream(hosts.client, address)
+    try:
+        stream.more()
+        there = a.json("migrate", name, "b")
+        assert there["mode"] == "live" and there["reason"] is None, there
+        assert a.run("status", name).returncode != 0  # gone from A
+        assert b.json("status", name)["state"] == "running"
+        assert b.json("status", name)["addresses"] == [address]
+        stream.more()
+        back = b.json("migrate", name, "a")
+        assert back["mode"] == "live", back
+        assert a.json("status", name)["state"] == "running"
+        stream.more()
+        stream.check()
+        print(f"downtime there {there['downtime_ms']} ms, back {back['downtime_ms']} ms")
+        # The proxy ARP entry moved with the container: only A answers for it now.
+        assert address in ns_run(hosts.a, ["ip", "neigh", "show", "proxy"]).stdout
+        assert address not in ns_run(hosts.b, ["ip", "neigh", "show", "proxy"]).stdout
+    finally:
+        stream.sock.close()
+
+
+def test_auto_mode_falls_back_to_restart_with_the_reason(hosts):
+    """CRIU cannot dump a nested pid namespace: auto moves the container stopped and
+    started, and says why; --mode live refuses and leaves it running."""
+    hosts.pair()
+    a, b = hosts.cli_a, hosts.cli_b
+    name = unique()
+    a.run("create", name, "--template", "busybox", check=True)
+    a.run("start", name, check=True)
+    a.run("exec", name, "--", "sh", "-c",
+          "echo kept > /root/file; setsid unshare -p -f sleep 1000 </dev/null >/dev/null "
+          "2>&1 &", check=True)
+    time.sleep(0.3)
+    live = a.run("migrate", name, "b", "--mode", "live")
+    assert live.returncode != 0 and "nested pid namespace" in live.stderr, live.stderr
+    assert a.json("status", name)["state"] == "running"
+    assert b.json("list") == []  # nothing left behind on the target
+    moved = a.run("migrate", name, "b")
+    assert moved.returncode == 0, moved.stderr
+    assert "restart mode" in moved.stdout and "nested pid namespace" in moved.stdout
+    assert b.json("status", name)["state"] == "running"
+    assert b.run("exec", name, "--", "cat", "/root/file", check=True).stdout == "kept\n"
+    assert a.json("list") == []
+
+
+def test_a_target_that_refuses_leaves_the_container_running_here(hosts):
+    hosts.pair()
+    a, b = hosts.cli_a, hosts.cli_b
+    name = unique()
+    a.run("create", name, "--template", "busybox", check=True)
+    a.run("start", name, check=True)
+    pid = a.json("status", name)["init_pid"]
+    b.run("create", name, "--template", "busybox", check=True)  # the name is taken there
+    refused = a.run("migrate", name, "b")
+    assert refused.returncode != 0 and "exists" in refused.stderr
+    assert a.json("status", name)["init_pid"] == pid
+    b.run("destroy", name, check=True)
+    # The template differs there: refused before anything moves.
+    b.run("template", "remove", "busybox", check=True)
+    refused = a.run("migrate", name, "b")
+    assert refused.returncode != 0 and "template" in refused.stderr
+    assert a.json("status", name)["init_pid"] == pid
