@@ -18,10 +18,11 @@ STREAM = ("i=0; while :; do echo $i; i=$((i+1)); sleep 0.01; done | nc -l -p 500
 class SequenceReader(threading.Thread):
     """Reads the container's increasing sequence; remembers every number and how it ended."""
 
-    def __init__(self, address: str, port: int = 5000):
+    def __init__(self, sock: socket.socket):
         super().__init__(daemon=True)
-        self.sock = socket.create_connection((address, port), timeout=60)
+        self.sock = sock
         self.numbers: list[int] = []
+        self.arrivals: list[float] = []  # monotonic time each chunk of numbers came
         self.end: str | None = None
         self.stop_reading = False
 
@@ -35,6 +36,8 @@ class SequenceReader(threading.Thread):
                     return
                 buffer += data
                 *lines, buffer = buffer.split(b"\n")
+                if lines:
+                    self.arrivals.append(time.monotonic())
                 self.numbers.extend(int(line) for line in lines)
         except OSError as exc:
             self.end = repr(exc)
@@ -45,16 +48,38 @@ class SequenceReader(threading.Thread):
             time.sleep(0.02)
         assert len(self.numbers) > than, f"the stream stalled ({self.end})"
 
+    def more(self, count: int = 50) -> None:
+        self.wait_for_more(len(self.numbers) + count - 1)
+
+    def check(self) -> None:
+        """No gap, no duplicate, no reset."""
+        numbers = list(self.numbers)
+        assert numbers == list(range(len(numbers))), "gap or duplicate in the stream"
+        assert self.end is None, self.end
+
+    def longest_gap_ms(self) -> float:
+        """The longest silence the client saw: its downtime."""
+        times = list(self.arrivals)
+        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0) * 1000
+
     def close(self) -> None:
         self.stop_reading = True
         self.sock.close()
 
 
-def connect_when_listening(address: str) -> SequenceReader:
+def connect_when_listening(address: str, netns_fd: int | None = None) -> SequenceReader:
+    """Connect to port 5000 (from the network namespace ``netns_fd``, if given)."""
+    from kamra.network import netns
+
     deadline = time.monotonic() + 10
     while True:
         try:
-            return SequenceReader(address)
+            if netns_fd is None:
+                sock = socket.create_connection((address, 5000), timeout=60)
+            else:
+                sock = netns.run_in_netns(netns_fd, socket.create_connection,
+                                          (address, 5000), 60)
+            return SequenceReader(sock)
         except OSError:
             if time.monotonic() > deadline:
                 raise

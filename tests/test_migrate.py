@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
-import threading
 import time
 
 import pytest
 from conftest import Cli, cli_teardown, force_cleanup, install_template, leftovers, unique
+from test_checkpoint import connect_when_listening
 from test_network import _add_veth, ns_run
 
 from kamra.network import netns
@@ -88,52 +87,6 @@ def hosts(busybox_cache):
     h.close()
 
 
-class Stream(threading.Thread):
-    """The client's connection to the container's counter, made in the client namespace."""
-
-    def __init__(self, client_ns: int, address: str):
-        super().__init__(daemon=True)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.sock = netns.run_in_netns(client_ns, socket.create_connection,
-                                               (address, 5000), 60)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        self.numbers: list[int] = []
-        self.end: str | None = None
-        self.start()
-
-    def run(self) -> None:
-        buffer = b""
-        try:
-            while True:
-                data = self.sock.recv(4096)
-                if not data:
-                    self.end = "EOF"
-                    return
-                buffer += data
-                *lines, buffer = buffer.split(b"\n")
-                self.numbers.extend(int(line) for line in lines)
-        except OSError as exc:
-            self.end = repr(exc)
-
-    def more(self, count: int = 50, timeout: float = 30) -> None:
-        want = len(self.numbers) + count
-        deadline = time.monotonic() + timeout
-        while len(self.numbers) < want and time.monotonic() < deadline and self.end is None:
-            time.sleep(0.02)
-        assert len(self.numbers) >= want, f"the stream stalled ({self.end})"
-
-    def check(self) -> None:
-        numbers = list(self.numbers)
-        assert numbers == list(range(len(numbers))), "gap or duplicate in the stream"
-        assert self.end is None, self.end
-
-
 def test_remotes_pin_certificates_and_need_tokens(hosts):
     a, b = hosts.cli_a, hosts.cli_b
     b.run("remote", "listen", B_ADDR, check=True)
@@ -169,9 +122,11 @@ def test_live_migration_there_and_back_keeps_the_tcp_stream(hosts):
     a.run("exec", name, "--", "sh", "-c",
           f"setsid sh -c '{STREAM}' </dev/null >/dev/null 2>&1 &", check=True)
     address = a.json("status", name)["addresses"][0]
-    stream = Stream(hosts.client, address)
+    stream = connect_when_listening(address, hosts.client)
+    stream.start()
     try:
         stream.more()
+        gap_before = stream.longest_gap_ms()
         there = a.json("migrate", name, "b")
         assert there["mode"] == "live" and there["reason"] is None, there
         assert a.run("status", name).returncode != 0  # gone from A
@@ -183,12 +138,14 @@ def test_live_migration_there_and_back_keeps_the_tcp_stream(hosts):
         assert a.json("status", name)["state"] == "running"
         stream.more()
         stream.check()
-        print(f"downtime there {there['downtime_ms']} ms, back {back['downtime_ms']} ms")
+        print(f"kamra's downtime there {there['downtime_ms']} ms, back "
+              f"{back['downtime_ms']} ms; the client's longest gap "
+              f"{stream.longest_gap_ms():.0f} ms (before migrating: {gap_before:.0f} ms)")
         # The proxy ARP entry moved with the container: only A answers for it now.
         assert address in ns_run(hosts.a, ["ip", "neigh", "show", "proxy"]).stdout
         assert address not in ns_run(hosts.b, ["ip", "neigh", "show", "proxy"]).stdout
     finally:
-        stream.sock.close()
+        stream.close()
 
 
 def test_auto_mode_falls_back_to_restart_with_the_reason(hosts):

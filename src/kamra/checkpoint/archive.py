@@ -24,9 +24,8 @@ import tarfile
 import tempfile
 from typing import Any, BinaryIO
 
-import zstandard
-
 from kamra.errors import InvalidInput, KamraError, NotFound
+from kamra.tarzst import atomic_output, stderr_tail, tar_to_zstd
 from kamra.templates.zstdio import ZstdReader
 
 MANIFEST = "kamra-checkpoint.json"
@@ -40,54 +39,19 @@ def write(path: str, manifest: dict[str, Any], checkpoint_dir: str | None,
           upper_dir: str) -> int:
     """Write the archive to ``path`` atomically; returns its size in bytes. Without a
     ``checkpoint_dir`` it holds the files only (a stopped container)."""
-    target = os.path.abspath(path)
-    directory = os.path.dirname(target)
-    if not os.path.isdir(directory):
-        raise NotFound(f"cannot export to {path}: directory {directory} does not exist")
-    if os.path.isdir(target):
-        raise InvalidInput(f"cannot export to {path}: it is a directory")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", dir=directory)
-    try:
-        with tempfile.TemporaryDirectory(prefix="kamra-export-") as staging:
-            with open(os.path.join(staging, MANIFEST), "w") as f:
-                json.dump({**manifest, "format": FORMAT}, f)
-            argv = ["tar", *_TAR, "-cf", "-", "-C", staging, MANIFEST]
-            if checkpoint_dir is not None:
-                argv += ["-C", os.path.dirname(checkpoint_dir), "--transform",
-                         f"s,^{os.path.basename(checkpoint_dir)},checkpoint,S",
-                         os.path.basename(checkpoint_dir)]
-            argv += ["-C", os.path.dirname(upper_dir), "--transform",
-                    f"s,^{os.path.basename(upper_dir)},upper,S", os.path.basename(upper_dir)]
-            with open(fd, "wb") as out, tempfile.TemporaryFile() as err:
-                _compress(argv, out, err)
-                out.flush()
-                os.fsync(out.fileno())
-        os.chmod(tmp, 0o600)  # process memory: keys, passwords
-        os.rename(tmp, target)
-        return os.stat(target).st_size
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _compress(argv: list[str], out: BinaryIO, err: BinaryIO) -> None:
-    cctx = zstandard.ZstdCompressor(level=3, threads=-1, write_checksum=True)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-    assert proc.stdout is not None
-    try:
-        with cctx.stream_writer(out, closefd=False) as writer:
-            while chunk := proc.stdout.read(_CHUNK):
-                writer.write(chunk)
-        code = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if code != 0:
-        err.seek(0)
-        raise KamraError(f"writing the archive failed: tar: "
-                         f"{err.read().decode(errors='replace').strip()[-300:]}")
+    with tempfile.TemporaryDirectory(prefix="kamra-export-") as staging:
+        with open(os.path.join(staging, MANIFEST), "w") as f:
+            json.dump({**manifest, "format": FORMAT}, f)
+        argv = ["tar", *_TAR, "-cf", "-", "-C", staging, MANIFEST]
+        if checkpoint_dir is not None:
+            argv += ["-C", os.path.dirname(checkpoint_dir), "--transform",
+                     f"s,^{os.path.basename(checkpoint_dir)},checkpoint,S",
+                     os.path.basename(checkpoint_dir)]
+        argv += ["-C", os.path.dirname(upper_dir), "--transform",
+                 f"s,^{os.path.basename(upper_dir)},upper,S", os.path.basename(upper_dir)]
+        with atomic_output(path, 0o600) as out:  # 0600: it holds process memory
+            tar_to_zstd(argv, out, f"writing {path}")
+    return os.stat(path).st_size
 
 
 def _open(path: str) -> BinaryIO:
@@ -166,6 +130,4 @@ def extract(path: str, into: str) -> None:
             proc.wait()
             raise
         if code != 0:
-            err.seek(0)
-            raise KamraError(f"unpacking {path} failed: tar: "
-                             f"{err.read().decode(errors='replace').strip()[-300:]}")
+            raise KamraError(f"unpacking {path} failed: tar: {stderr_tail(err)}")

@@ -374,6 +374,9 @@ class Checkpoints:
             return {"error": f"set up the network: {exc.message}"}
         finally:
             os.close(ns_fd)
+        # Before the tasks resume: a peer's first answer to them must already come here
+        # (routed with an uplink; a bridged container announces itself once running).
+        self.host.network.announce(record)
         return {"ok": True}
 
     def _import(self, name: str, path: str) -> None:

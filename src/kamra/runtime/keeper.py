@@ -238,6 +238,14 @@ class Keeper:
         self._reply(conn, {"ok": True}, close=True)
         self.running = False
 
+    def _make_room(self, name: str) -> None:
+        """Forget ``name``'s ended init before a new one takes its place."""
+        old = self.inits.get(name)
+        if old is not None:
+            if old.status is None:
+                raise RuntimeError(f"{name} is already running (pid {old.pid})")
+            self._drop(old)
+
     def _op_prepare(self, conn: socket.socket, req: dict, fds: list[int]) -> None:
         sid = str(req["id"])
         if sid in self.standbys:
@@ -290,11 +298,7 @@ class Keeper:
 
     def _op_spawn(self, conn: socket.socket, req: dict, fds: list[int]) -> None:
         name = req["name"]
-        old = self.inits.get(name)
-        if old is not None:
-            if old.status is None:
-                raise RuntimeError(f"{name} is already running (pid {old.pid})")
-            self._drop(old)
+        self._make_room(name)
         # kamrad's wired network namespace travels last (kamra.network).
         netns_fd = fds.pop() if req.get("netns") and fds else None
         console = bool(req.get("console", True))
@@ -395,11 +399,7 @@ class Keeper:
         """Fork a helper that runs ``criu restore`` (kamra.runtime.restorer); it hands
         the restored init and its new console back over ``adopt``."""
         name = req["name"]
-        old = self.inits.get(name)
-        if old is not None:
-            if old.status is None:
-                raise RuntimeError(f"{name} is already running (pid {old.pid})")
-            self._drop(old)
+        self._make_room(name)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:

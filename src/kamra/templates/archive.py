@@ -16,9 +16,8 @@ import tarfile
 import tempfile
 from typing import BinaryIO
 
-import zstandard
-
 from kamra.errors import InvalidInput, KamraError, KernelError, NotFound
+from kamra.tarzst import atomic_output, stderr_tail, tar_to_zstd
 from kamra.templates.digest import digest_and_size
 from kamra.templates.fsutil import remove_tree, scratch_name
 from kamra.templates.model import METADATA, ROOTFS, Progress, TemplateInfo, emit
@@ -35,58 +34,14 @@ _SPARSE = ["--sparse", "--sparse-version=0.0"]
 _PAX = "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime"
 
 
-def _stderr_tail(f: BinaryIO) -> str:
-    f.seek(0)
-    lines = [line.strip() for line in f.read().decode(errors="replace").splitlines()]
-    return " | ".join([line for line in lines if line][-2:])
-
-
-# ---------------------------------------------------------------- export
-
 def export_template(info: TemplateInfo, file_path: str, progress: Progress | None = None) -> None:
     """Write ``file_path`` (a .tar.zst of template.toml and rootfs/) atomically."""
-    target = os.path.abspath(file_path)
-    directory = os.path.dirname(target)
-    if not os.path.isdir(directory):
-        raise NotFound(f"cannot export to {file_path}: directory {directory} does not exist")
-    if os.path.isdir(target):
-        raise InvalidInput(f"cannot export to {file_path}: it is a directory")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", dir=directory)
-    try:
-        with open(fd, "wb") as out, tempfile.TemporaryFile() as err:
-            _write_archive(info, out, err, progress)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_archive(info: TemplateInfo, out: BinaryIO, err: BinaryIO,
-                   progress: Progress | None) -> None:
     argv = ["tar", *_TAR_COMMON, *_SPARSE, "--format=posix", _PAX, "--sort=name",
             "-C", info.path, "-cf", "-", METADATA, ROOTFS]
-    # The content checksum lets any zstd reader detect a corrupted file, not just kamra.
-    cctx = zstandard.ZstdCompressor(level=3, threads=-1, write_checksum=True)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-    assert proc.stdout is not None
-    done = 0
-    try:
-        with cctx.stream_writer(out, closefd=False) as writer:
-            while chunk := proc.stdout.read(_CHUNK):
-                writer.write(chunk)
-                done += len(chunk)
-                emit(progress, "export", min(done, info.size), info.size, info.name)
-        code = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if code != 0:
-        raise KamraError(f"exporting template '{info.name}' failed: tar: {_stderr_tail(err)}")
+    with atomic_output(file_path, 0o644) as out:
+        tar_to_zstd(argv, out, f"exporting template '{info.name}'",
+                    lambda done: emit(progress, "export", min(done, info.size), info.size,
+                                      info.name))
     emit(progress, "export", info.size, info.size, info.name)
 
 
@@ -151,7 +106,7 @@ def _extract(f: BinaryIO, label: str, size: int, into: str, expected: tuple[byte
             proc.kill()
             proc.wait()
             raise
-        warnings = _stderr_tail(err)
+        warnings = stderr_tail(err)
     if reader.hash.digest() != expected_hash:
         raise InvalidInput(f"{label} changed while it was being imported")
     if code != 0:
