@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 from conftest import unique
@@ -118,3 +119,33 @@ def test_daemon_commands(cli, root):
     # Any command starts it again on demand.
     assert cli.run("list").returncode == 0
     assert cli.json("daemon", "status")["running"]
+
+
+def test_upgrade_keeps_a_session_message_sent_with_the_headers(tmp_path):
+    """kamrad may send a session's first message (with a descriptor) right behind the
+    101 headers; the client must not read past the headers and lose it."""
+    from kamra.client import Client
+    from kamra.linux import fdpass
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    read_end, write_end = os.pipe()
+    try:
+        # Both are waiting before the client reads a byte: the worst case.
+        theirs.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: kamra-session\r\n"
+                       b"Connection: Upgrade\r\n\r\n")
+        fdpass.send(theirs, {"session": True}, [read_end])
+        client = Client(str(tmp_path), autostart=False)
+        client._open = lambda: ours  # type: ignore[method-assign]
+        sock = client.upgrade("/v1/containers/x/console", {})
+        sock.settimeout(5)  # a lost message would otherwise wait forever
+        reply, fds = fdpass.recv(sock)
+        assert reply == {"session": True}
+        assert len(fds) == 1
+        os.write(write_end, b"x")
+        assert os.read(fds[0], 1) == b"x"  # the very pipe kamrad sent
+        os.close(fds[0])
+    finally:
+        for end in (ours, theirs):
+            end.close()
+        os.close(read_end)
+        os.close(write_end)

@@ -35,6 +35,16 @@ def _connect(path: str, timeout: float | None) -> socket.socket:
     return sock
 
 
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
 class Response:
     def __init__(self, status: int, headers: dict[str, str], sock: socket.socket, rest: bytes):
         self.status = status
@@ -146,17 +156,23 @@ class Client:
 
     # -- requests -------------------------------------------------------------------------
     def _send(self, sock: socket.socket, method: str, path: str, body: object,
-              extra: str = "") -> Response:
+              extra: str = "", upgrading: bool = False) -> Response:
         payload = b"" if body is None else json.dumps(body).encode()
         head = (f"{method} {path} HTTP/1.1\r\nHost: kamrad\r\n{extra}"
                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
         sock.sendall(head.encode() + payload)
         data = bytearray()
         while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
+            # Upgrading, not one byte past the headers may be read: the session's first
+            # message can follow at once, with descriptors a plain recv would drop.
+            chunk = sock.recv(65536, socket.MSG_PEEK if upgrading else 0)
             if not chunk:
                 raise DaemonUnavailable("kamrad closed the connection without answering "
                                         "(see kamrad.log under the data root's run/)")
+            if upgrading:
+                end = (bytes(data[-3:]) + chunk).find(b"\r\n\r\n")
+                take = len(chunk) if end < 0 else end + 4 - min(3, len(data))
+                chunk = _recv_exactly(sock, take)
             data += chunk
         head_bytes, _, rest = bytes(data).partition(b"\r\n\r\n")
         lines = head_bytes.decode("latin-1").split("\r\n")
@@ -185,7 +201,8 @@ class Client:
         sock = self._open()
         try:
             response = self._send(sock, "POST", path, body,
-                                  "Connection: Upgrade\r\nUpgrade: kamra-session\r\n")
+                                  "Connection: Upgrade\r\nUpgrade: kamra-session\r\n",
+                                  upgrading=True)
             if response.status != 101:
                 data = json.loads(response.body() or b"null")
                 raise from_json((data or {}).get("error", {}))
