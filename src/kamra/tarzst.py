@@ -48,11 +48,11 @@ def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
 
 
 def tar_to_zstd(argv: list[str], out: BinaryIO, what: str,
-                progress: Callable[[int], None] | None = None) -> None:
+                progress: Callable[[int], None] | None = None, level: int = 3) -> None:
     """Run ``argv`` (a tar writing to stdout) and compress its output into ``out``; a
     failing tar raises KamraError naming ``what`` and tar's own words."""
     # The content checksum lets any zstd reader detect a corrupted file, not just kamra.
-    cctx = zstandard.ZstdCompressor(level=3, threads=-1, write_checksum=True)
+    cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=err)

@@ -35,23 +35,37 @@ _CHUNK = 1 << 20
 _TAR = ["--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner", "--sparse"]
 
 
+def _argv(staging: str, manifest: dict[str, Any], checkpoint_dir: str | None,
+          upper_dir: str) -> list[str]:
+    with open(os.path.join(staging, MANIFEST), "w") as f:
+        json.dump({**manifest, "format": FORMAT}, f)
+    argv = ["tar", *_TAR, "-cf", "-", "-C", staging, MANIFEST]
+    if checkpoint_dir is not None:
+        argv += ["-C", os.path.dirname(checkpoint_dir), "--transform",
+                 f"s,^{os.path.basename(checkpoint_dir)},checkpoint,S",
+                 os.path.basename(checkpoint_dir)]
+    return argv + ["-C", os.path.dirname(upper_dir), "--transform",
+                   f"s,^{os.path.basename(upper_dir)},upper,S", os.path.basename(upper_dir)]
+
+
 def write(path: str, manifest: dict[str, Any], checkpoint_dir: str | None,
           upper_dir: str) -> int:
     """Write the archive to ``path`` atomically; returns its size in bytes. Without a
     ``checkpoint_dir`` it holds the files only (a stopped container)."""
     with tempfile.TemporaryDirectory(prefix="kamra-export-") as staging:
-        with open(os.path.join(staging, MANIFEST), "w") as f:
-            json.dump({**manifest, "format": FORMAT}, f)
-        argv = ["tar", *_TAR, "-cf", "-", "-C", staging, MANIFEST]
-        if checkpoint_dir is not None:
-            argv += ["-C", os.path.dirname(checkpoint_dir), "--transform",
-                     f"s,^{os.path.basename(checkpoint_dir)},checkpoint,S",
-                     os.path.basename(checkpoint_dir)]
-        argv += ["-C", os.path.dirname(upper_dir), "--transform",
-                 f"s,^{os.path.basename(upper_dir)},upper,S", os.path.basename(upper_dir)]
+        argv = _argv(staging, manifest, checkpoint_dir, upper_dir)
         with atomic_output(path, 0o600) as out:  # 0600: it holds process memory
             tar_to_zstd(argv, out, f"writing {path}")
     return os.stat(path).st_size
+
+
+def stream(out: BinaryIO, manifest: dict[str, Any], checkpoint_dir: str | None,
+           upper_dir: str) -> None:
+    """The same archive, written to ``out`` as it is made (a migration: no file, and the
+    fastest compression, as the bytes are on their way to the other host at once)."""
+    with tempfile.TemporaryDirectory(prefix="kamra-export-") as staging:
+        tar_to_zstd(_argv(staging, manifest, checkpoint_dir, upper_dir), out,
+                    "packing the container", level=1)
 
 
 def _open(path: str) -> BinaryIO:

@@ -42,6 +42,7 @@ log = logging.getLogger("kamra.migrate")
 
 MODES = ("auto", "live", "restart")
 MAX_ARCHIVE = 1 << 40
+OPERATION_TIMEOUT = 600.0  # seconds one request may take on the target
 
 
 class RemoteRefused(KamraError):
@@ -75,6 +76,8 @@ class Migrations:
         if "error" in reply:
             sock.close()
             raise RemoteRefused(f"{remote['address']}: {reply['error']}")
+        # Unpacking and restoring a large container takes a while on the other side.
+        sock.settimeout(OPERATION_TIMEOUT)
         return sock
 
     def add_remote(self, name: str, address: str, token: str) -> dict:
@@ -128,35 +131,33 @@ class Migrations:
                        "total_ms": round((time.perf_counter() - began) * 1000, 1)})
         return result
 
-    def _send_archive(self, sock: ssl.SSLSocket, name: str, path: str) -> int:
-        with open(path, "rb") as f:
-            wire.send(sock, {"op": "send", "name": name, "bytes": os.fstat(f.fileno()).st_size})
-            sent = wire.send_file(sock, f)
-        reply, _ = wire.recv(sock)
+    def _send_archive(self, sock: ssl.SSLSocket, record: ContainerRecord,
+                      meta: dict | None, images: str | None) -> int:
+        """Pack and send the container (its images, if any, and its files) as it is
+        packed: no file on the source."""
+        host = self.host
+        upper = host.storage(record).upper_dir(host.layout.container_dir(record.name))
+        try:
+            wire.send(sock, {"op": "send", "name": record.name})
+            sender = wire.FileSender(sock)
+            archive.stream(sender, host.checkpoints._manifest(record, meta), images, upper)
+            sender.close()
+            reply, _ = wire.recv(sock)
+        except (OSError, wire.WireError) as exc:
+            raise KamraError(f"sending {record.name!r} to the target failed: "
+                             f"{exc or type(exc).__name__}") from None
         if "error" in reply:
             raise RemoteRefused(str(reply["error"]))
-        return sent
-
-    def _scratch(self, name: str) -> str:
-        return os.path.join(self.host.layout.run, f"migrate-{name}.tar.zst")
+        return sender.sent
 
     def _live(self, record: ContainerRecord, sock: ssl.SSLSocket, remote: str) -> dict:
         host = self.host
         name = record.name
-        upper = host.storage(record).upper_dir(host.layout.container_dir(name))
-        scratch = self._scratch(name)
         sent: list[int] = []
 
         def post_dump(images: str, meta: dict) -> None:
             # The tasks are frozen and the network locked: ship everything.
-            try:
-                archive.write(scratch, host.checkpoints._manifest(record, meta), images, upper)
-                sent.append(self._send_archive(sock, name, scratch))
-            finally:
-                try:
-                    os.unlink(scratch)
-                except FileNotFoundError:
-                    pass
+            sent.append(self._send_archive(sock, record, meta, images))
 
         try:
             host.checkpoints._check_dumpable(record)
@@ -179,25 +180,16 @@ class Migrations:
 
     def _restart(self, record: ContainerRecord, sock: ssl.SSLSocket, remote: str) -> dict:
         host = self.host
-        name = record.name
         was_running = record.state == "running"
         stopped_at = time.perf_counter()
         if was_running:
             host._stop_locked(record, 10, False)
-        scratch = self._scratch(name)
         try:
-            upper = host.storage(record).upper_dir(host.layout.container_dir(name))
-            archive.write(scratch, host.checkpoints._manifest(record, None), None, upper)
-            sent = self._send_archive(sock, name, scratch)
+            sent = self._send_archive(sock, record, None, None)
         except BaseException:
             if was_running:  # not moved: it runs here again
                 host._start_locked(record, None)
             raise
-        finally:
-            try:
-                os.unlink(scratch)
-            except FileNotFoundError:
-                pass
         status = self._resume(record, sock, remote, start=was_running)
         downtime = (time.perf_counter() - stopped_at) * 1000
         self._forget(record)

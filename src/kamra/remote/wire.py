@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from collections.abc import Callable
 from typing import BinaryIO
 
 _FRAME = struct.Struct("!IQ")
@@ -48,16 +47,33 @@ def recv(sock: socket.socket, max_payload: int = 4 * CHUNK) -> tuple[dict, bytes
     return message, _exact(sock, size) if size else b""
 
 
-def send_file(sock: socket.socket, f: BinaryIO,
-              progress: Callable[[int], None] | None = None) -> int:
-    sent = 0
-    while chunk := f.read(CHUNK):
-        send(sock, {"op": "chunk"}, chunk)
-        sent += len(chunk)
-        if progress:
-            progress(sent)
-    send(sock, {"op": "end", "bytes": sent})
-    return sent
+class FileSender:
+    """A writable file object whose bytes go out as chunk frames; ``close`` sends the end."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buffer = bytearray()
+        self.sent = 0
+
+    def write(self, data: bytes) -> int:
+        self.buffer += data
+        while len(self.buffer) >= CHUNK:
+            self._flush(CHUNK)
+        return len(data)
+
+    def _flush(self, size: int) -> None:
+        chunk = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        send(self.sock, {"op": "chunk"}, chunk)
+        self.sent += len(chunk)
+
+    def flush(self) -> None:
+        pass  # whole chunks only: the end of the stream sends the rest
+
+    def close(self) -> None:
+        if self.buffer:
+            self._flush(len(self.buffer))
+        send(self.sock, {"op": "end", "bytes": self.sent})
 
 
 def recv_file(sock: socket.socket, out: BinaryIO, limit: int) -> int:
