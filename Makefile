@@ -27,3 +27,5 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/lifecycle
 	$(BIN)/python bench/network
+	$(BIN)/python bench/checkpoint
+	$(BIN)/python bench/migrate
