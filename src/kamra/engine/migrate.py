@@ -112,8 +112,10 @@ class Migrations:
                 raise Conflict(f"container {name!r} is not running: live migration needs "
                                "a running container (use --mode restart)")
             with self.connect(remote) as sock:
-                _ask(sock, {"op": "check", "name": name,
-                            "manifest": host.checkpoints._manifest(record, None)})
+                checked = _ask(sock, {"op": "check", "name": name,
+                                      "manifest": host.checkpoints._manifest(record, None)})
+                if checked.get("need_template"):
+                    self._send_template(sock, record.template)
                 reason = None
                 result: dict[str, Any] | None = None
                 if record.state == "running" and mode in ("auto", "live"):
@@ -149,6 +151,22 @@ class Migrations:
         if "error" in reply:
             raise RemoteRefused(str(reply["error"]))
         return sender.sent
+
+    def _send_template(self, sock: ssl.SSLSocket, name: str) -> None:
+        """The target lacks the template: send it (it verifies the digest)."""
+        from kamra.templates.archive import stream_template
+
+        info = self.host.templates.get(name)
+        try:
+            wire.send(sock, {"op": "template", "name": name, "digest": info.digest})
+            sender = wire.FileSender(sock)
+            stream_template(info, sender)
+            sender.close()
+            reply, _ = wire.recv(sock)
+        except (OSError, wire.WireError) as exc:
+            raise KamraError(f"sending template {name!r} failed: {exc}") from None
+        if "error" in reply:
+            raise RemoteRefused(f"the target refused template {name!r}: {reply['error']}")
 
     def _live(self, record: ContainerRecord, sock: ssl.SSLSocket, remote: str) -> dict:
         host = self.host
@@ -236,7 +254,10 @@ class Migrations:
                 op = message.get("op")
                 try:
                     if op == "check":
-                        self._check(message["name"], message["manifest"])
+                        wire.send(sock, self._check(message["name"], message["manifest"]))
+                    elif op == "template":
+                        self._receive_template(sock, str(message["name"]),
+                                               str(message["digest"]))
                         wire.send(sock, {"ok": True})
                     elif op == "send":
                         imported = self._receive(sock, str(message["name"]),
@@ -258,7 +279,7 @@ class Migrations:
                             peer, imported)
                 self._drop(imported)
 
-    def _check(self, name: str, manifest: dict) -> None:
+    def _check(self, name: str, manifest: dict) -> dict:
         from kamra.names import check_name
 
         host = self.host
@@ -266,21 +287,34 @@ class Migrations:
         saved = manifest["container"]
         if host.store.get(name) is not None:
             raise AlreadyExists(f"a container {name!r} exists on this host")
-        try:
+        need_template = not host.templates.exists(saved["template"])
+        if not need_template:
             info = host.templates.get(saved["template"])
-        except NotFound:
-            raise NotFound(f"template {saved['template']!r} is not on this host: copy it "
-                           "first ('kamra template export' there, 'kamra template import' "
-                           "here)") from None
-        if info.digest != saved["template_digest"]:
-            raise Conflict(f"template {info.name!r} here is {info.digest}, not "
-                           f"{saved['template_digest']}")
+            if info.digest != saved["template_digest"]:
+                raise Conflict(f"template {info.name!r} here is {info.digest}, not "
+                               f"{saved['template_digest']}")
         held = host.store.addresses()
         for address in manifest.get("addresses", []):
             if address in held:
                 raise Conflict(f"address {address} is held here by {held[address]!r}")
         if saved.get("plan"):
             host.resources.plans.get(saved["plan"])
+        return {"ok": True, "need_template": need_template}
+
+    def _receive_template(self, sock: ssl.SSLSocket, name: str, digest: str) -> None:
+        path = os.path.join(self.host.layout.run, f"incoming-template-{os.urandom(3).hex()}")
+        try:
+            with open(path, "wb") as f:
+                wire.recv_file(sock, f, MAX_ARCHIVE)
+            info = self.host.templates.import_(path, name)  # checks, verifies its digest
+        finally:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if info.digest != digest:
+            self.host.templates.remove(name, [])
+            raise Conflict(f"template {name!r} arrived as {info.digest}, not {digest}")
 
     def _receive(self, sock: ssl.SSLSocket, name: str, size: int) -> str:
         path = os.path.join(self.host.layout.run, f"incoming-{name}-{os.urandom(3).hex()}")

@@ -34,10 +34,19 @@ _SPARSE = ["--sparse", "--sparse-version=0.0"]
 _PAX = "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime"
 
 
+def _export_argv(info: TemplateInfo) -> list[str]:
+    return ["tar", *_TAR_COMMON, *_SPARSE, "--format=posix", _PAX, "--sort=name",
+            "-C", info.path, "-cf", "-", METADATA, ROOTFS]
+
+
+def stream_template(info: TemplateInfo, out: BinaryIO) -> None:
+    """The export archive written to ``out`` as it is made (to another host)."""
+    tar_to_zstd(_export_argv(info), out, f"packing template '{info.name}'", level=1)
+
+
 def export_template(info: TemplateInfo, file_path: str, progress: Progress | None = None) -> None:
     """Write ``file_path`` (a .tar.zst of template.toml and rootfs/) atomically."""
-    argv = ["tar", *_TAR_COMMON, *_SPARSE, "--format=posix", _PAX, "--sort=name",
-            "-C", info.path, "-cf", "-", METADATA, ROOTFS]
+    argv = _export_argv(info)
     with atomic_output(file_path, 0o644) as out:
         tar_to_zstd(argv, out, f"exporting template '{info.name}'",
                     lambda done: emit(progress, "export", min(done, info.size), info.size,
