@@ -108,6 +108,9 @@ def test_remotes_pin_certificates_and_need_tokens(hosts):
     a.run("create", name, "--template", "busybox", check=True)
     refused = a.run("migrate", name, "b")
     assert refused.returncode != 0 and "pinned" in refused.stderr, refused.stderr
+    lazy = a.run("migrate", name, "b", "--lazy")
+    assert lazy.returncode != 0 and "not available" in lazy.stderr
+    assert len(lazy.stderr.strip().splitlines()) == 1
     assert a.json("status", name)["state"] == "stopped"
     a.run("remote", "remove", "b", check=True)
     assert a.json("remote", "list")["remotes"] == []

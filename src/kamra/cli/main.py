@@ -312,7 +312,7 @@ def _json(data: object) -> None:
 
 
 # Progress phases whose counts are bytes (the others count packages or steps).
-BYTE_PHASES = ("export", "verify", "untar", "digest")
+BYTE_PHASES = ("export", "verify", "untar", "digest", "send", "template")
 
 
 def _progress_printer():
@@ -645,8 +645,13 @@ def cmd_restore(client: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_migrate(client: Client, a: argparse.Namespace) -> int:
-    data = client.request("POST", f"/v1/containers/{a.name}/migrate",
-                          {"remote": a.remote, "mode": a.mode, "lazy": a.lazy})
+    on_progress, close = _progress_printer()
+    try:
+        data = client.stream(f"/v1/containers/{a.name}/migrate",
+                             {"remote": a.remote, "mode": a.mode, "lazy": a.lazy},
+                             on_progress if a.format != "json" else None)
+    finally:
+        close()
     if a.format == "json":
         _json(data)
         return 0

@@ -192,8 +192,8 @@ class Handler(BaseHTTPRequestHandler):
         body = self._body()
         if body.get("lazy"):
             raise InvalidInput("--lazy (post-copy) is not available yet: migrate without it")
-        self._send(200, self.host.migrations.migrate(name, _str(body, "remote"),
-                                                     str(body.get("mode") or "auto")))
+        remote, mode = _str(body, "remote"), str(body.get("mode") or "auto")
+        self._stream(lambda emit: self.host.migrations.migrate(name, remote, mode, emit))
 
     def remote_listen(self, query: dict) -> None:
         self._send(200, self.host.listen(_str(self._body(), "address")))

@@ -33,6 +33,7 @@ from kamra.engine.checkpoint import DumpFailed
 from kamra.errors import AlreadyExists, Conflict, InvalidInput, KamraError, NotFound
 from kamra.remote import tls, wire
 from kamra.remote.store import RemoteStore, parse_address
+from kamra.templates.model import Progress, emit
 
 if TYPE_CHECKING:
     from kamra.engine.host import Host
@@ -63,6 +64,7 @@ class Migrations:
     def __init__(self, host: Host):
         self.host = host
         self.remotes = RemoteStore(host.layout.root)
+        self.progress: Progress | None = None
 
     # -- remotes ------------------------------------------------------------------------
     def connect(self, remote: dict) -> ssl.SSLSocket:
@@ -97,12 +99,14 @@ class Migrations:
         return {"name": name, "address": address, "fingerprint": fingerprint}
 
     # -- source -------------------------------------------------------------------------
-    def migrate(self, name: str, remote_name: str, mode: str = "auto") -> dict:
+    def migrate(self, name: str, remote_name: str, mode: str = "auto",
+                progress: Progress | None = None) -> dict:
         if mode not in MODES:
             raise InvalidInput(f"unknown mode {mode!r}: use auto, live or restart")
         host = self.host
         remote = self.remotes.get(remote_name)
         began = time.perf_counter()
+        self.progress = progress
         with host._lock(name):
             record = host._record(name)
             if record.state not in ("running", "stopped"):
@@ -111,6 +115,7 @@ class Migrations:
             if mode == "live" and record.state != "running":
                 raise Conflict(f"container {name!r} is not running: live migration needs "
                                "a running container (use --mode restart)")
+            emit(progress, "check", message=remote_name)
             with self.connect(remote) as sock:
                 checked = _ask(sock, {"op": "check", "name": name,
                                       "manifest": host.checkpoints._manifest(record, None)})
@@ -141,7 +146,7 @@ class Migrations:
         upper = host.storage(record).upper_dir(host.layout.container_dir(record.name))
         try:
             wire.send(sock, {"op": "send", "name": record.name})
-            sender = wire.FileSender(sock)
+            sender = wire.FileSender(sock, lambda n: emit(self.progress, "send", n))
             archive.stream(sender, host.checkpoints._manifest(record, meta), images, upper)
             sender.close()
             reply, _ = wire.recv(sock)
@@ -159,7 +164,8 @@ class Migrations:
         info = self.host.templates.get(name)
         try:
             wire.send(sock, {"op": "template", "name": name, "digest": info.digest})
-            sender = wire.FileSender(sock)
+            sender = wire.FileSender(sock, lambda n: emit(self.progress, "template", n,
+                                                          message=name))
             stream_template(info, sender)
             sender.close()
             reply, _ = wire.recv(sock)
@@ -182,6 +188,7 @@ class Migrations:
         except Conflict as exc:
             raise _NotDumpable(exc.message) from None
         frozen = time.perf_counter()
+        emit(self.progress, "dump", message=name)
         try:
             host.checkpoints._dump(record, False, post_dump=post_dump)
         except DumpFailed as exc:
@@ -201,6 +208,7 @@ class Migrations:
         was_running = record.state == "running"
         stopped_at = time.perf_counter()
         if was_running:
+            emit(self.progress, "stop", message=record.name)
             host._stop_locked(record, 10, False)
         try:
             sent = self._send_archive(sock, record, None, None)
@@ -217,6 +225,7 @@ class Migrations:
     def _resume(self, record: ContainerRecord, sock: ssl.SSLSocket, remote: str,
                 start: bool = True) -> dict:
         name = record.name
+        emit(self.progress, "resume", message=remote)
         try:
             wire.send(sock, {"op": "resume", "name": name, "start": start})
         except (OSError, wire.WireError) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+from collections.abc import Callable
 from typing import BinaryIO
 
 _FRAME = struct.Struct("!IQ")
@@ -50,10 +51,11 @@ def recv(sock: socket.socket, max_payload: int = 4 * CHUNK) -> tuple[dict, bytes
 class FileSender:
     """A writable file object whose bytes go out as chunk frames; ``close`` sends the end."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, on_sent: Callable[[int], None] | None = None):
         self.sock = sock
         self.buffer = bytearray()
         self.sent = 0
+        self.on_sent = on_sent
 
     def write(self, data: bytes) -> int:
         self.buffer += data
@@ -66,6 +68,8 @@ class FileSender:
         del self.buffer[:size]
         send(self.sock, {"op": "chunk"}, chunk)
         self.sent += len(chunk)
+        if self.on_sent:
+            self.on_sent(self.sent)
 
     def flush(self) -> None:
         pass  # whole chunks only: the end of the stream sends the rest
