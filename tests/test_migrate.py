@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 
 import pytest
@@ -194,3 +196,92 @@ def test_a_refusing_target_leaves_it_running_and_a_missing_template_is_sent(host
     assert moved.returncode == 0, moved.stderr
     assert b.json("template", "show", "busybox")["digest"] == digest
     assert b.json("status", name)["state"] == "running"
+
+
+class FakeTarget(threading.Thread):
+    """A "target" on host B's address that speaks the protocol, then hangs up at a chosen
+    point: after reading ``cut_after`` chunks of the container's archive."""
+
+    def __init__(self, hosts: Hosts, cut_after: int):
+        from kamra.remote import tls
+
+        super().__init__(daemon=True)
+        self.dir = tempfile.mkdtemp(prefix="kamra-fake-")
+        cert, key = tls.ensure_certificate(self.dir)
+        self.context = tls.server_context(cert, key)
+        self.cut_after = cut_after
+        self.seen: list[str] = []
+
+        def listen() -> socket.socket:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((B_ADDR, 8443))
+            sock.listen(4)
+            return sock
+
+        self.listener = netns.run_in_netns(hosts.b, listen)
+        self.start()
+
+    def run(self) -> None:
+        from kamra.remote import wire
+
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.context.wrap_socket(raw, server_side=True) as sock:
+                try:
+                    chunks = 0
+                    while True:
+                        message, _ = wire.recv(sock)
+                        self.seen.append(message.get("op", "?"))
+                        if message.get("op") == "chunk":
+                            chunks += 1
+                            if chunks > self.cut_after:
+                                break  # the cut: the connection drops mid-transfer
+                        elif message.get("op") in ("hello", "check"):
+                            wire.send(sock, {"ok": True})
+                except (OSError, wire.WireError):
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_a_connection_cut_while_sending_resumes_the_container_here(hosts):
+    """The target goes away in the middle of the archive (tasks frozen on the source):
+    CRIU resumes them on the source, which says what happened in one line."""
+    from kamra.remote import tls
+
+    fake = FakeTarget(hosts, cut_after=0)
+    try:
+        a = hosts.cli_a
+        a.run("remote", "add", "b", B_ADDR, "--token", "any", check=True)  # fake accepts
+        pinned = a.json("remote", "list")["remotes"][0]["fingerprint"]
+        assert pinned == tls.fingerprint_of_file(os.path.join(fake.dir, "server.crt"))
+        name = unique()
+        a.run("create", name, "--template", "busybox", "-c", "net.nat=false", check=True)
+        a.run("start", name, check=True)
+        a.run("exec", name, "--", "sh", "-c",
+              f"setsid sh -c '{STREAM}' </dev/null >/dev/null 2>&1 &", check=True)
+        address = a.json("status", name)["addresses"][0]
+        stream = connect_when_listening(address, hosts.client)
+        stream.start()
+        try:
+            stream.more()
+            pid = a.json("status", name)["init_pid"]
+            cut = a.run("migrate", name, "b")
+            assert cut.returncode != 0, cut.stdout
+            assert "failed" in cut.stderr and "Traceback" not in cut.stderr, cut.stderr
+            assert len(cut.stderr.strip().splitlines()) == 1, cut.stderr
+            assert "chunk" in fake.seen  # it was cut while the archive was on its way
+            status = a.json("status", name)
+            assert status["state"] == "running" and status["init_pid"] == pid
+            stream.more()  # the network was unlocked, the same connection goes on
+            stream.check()
+        finally:
+            stream.close()
+    finally:
+        fake.close()
