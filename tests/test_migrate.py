@@ -18,7 +18,7 @@ import time
 
 import pytest
 from conftest import Cli, cli_teardown, force_cleanup, install_template, leftovers, unique
-from test_checkpoint import connect_when_listening
+from test_checkpoint import connect_when_listening, start_nested_pid_namespace
 from test_network import _add_veth, ns_run
 
 from kamra.network import netns
@@ -161,10 +161,8 @@ def test_auto_mode_falls_back_to_restart_with_the_reason(hosts):
     name = unique()
     a.run("create", name, "--template", "busybox", check=True)
     a.run("start", name, check=True)
-    a.run("exec", name, "--", "sh", "-c",
-          "echo kept > /root/file; setsid unshare -p -f sleep 1000 </dev/null >/dev/null "
-          "2>&1 &", check=True)
-    time.sleep(0.3)
+    a.run("exec", name, "--", "sh", "-c", "echo kept > /root/file", check=True)
+    start_nested_pid_namespace(a, name)
     live = a.run("migrate", name, "b", "--mode", "live")
     assert live.returncode != 0 and "nested pid namespace" in live.stderr, live.stderr
     assert a.json("status", name)["state"] == "running"
