@@ -226,7 +226,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         help="auto (default): live when CRIU can dump it, else restart, "
                              "saying why; live: never falls back; restart: stop, copy, start")
         mg.add_argument("--lazy", action="store_true",
-                        help="post-copy memory (CRIU lazy pages): not available yet")
+                        help="post-copy memory (CRIU lazy pages): not available here, see "
+                             "docs/migration.md")
         fmt(mg)
     if only in (None, "remote"):
         rm = cmd("remote", "other kamra hosts to migrate to, and listening for them")

@@ -191,7 +191,9 @@ class Handler(BaseHTTPRequestHandler):
     def migrate_container(self, query: dict, name: str) -> None:
         body = self._body()
         if body.get("lazy"):
-            raise InvalidInput("--lazy (post-copy) is not available yet: migrate without it")
+            raise InvalidInput("--lazy (post-copy) is not available here: CRIU 4.2's remote "
+                               "lazy pages fail on this kernel (see docs/migration.md); "
+                               "migrate without it")
         remote, mode = _str(body, "remote"), str(body.get("mode") or "auto")
         self._stream(lambda emit: self.host.migrations.migrate(name, remote, mode, emit))
 
