@@ -256,6 +256,15 @@ def test_restore_after_kamrad_restarted(cli):
     cli.run("stop", name, check=True)
     cli.run("start", name, check=True)
     assert cli.run("exec", name, "--", "cat", "/run/mark").returncode != 0
+    # A checkpoint can also be dropped: the container boots afresh, the images go.
+    cli.run("exec", name, "--", "sh", "-c", "echo 8 > /run/mark", check=True)
+    cli.run("checkpoint", name, check=True)
+    checkpoint = os.path.join(cli.root, "containers", name, "checkpoint")
+    assert os.path.exists(os.path.join(checkpoint, "checkpoint.json"))
+    cli.run("start", name, "--discard-checkpoint", check=True)
+    assert cli.json("status", name)["state"] == "running"
+    assert cli.run("exec", name, "--", "cat", "/run/mark").returncode != 0
+    assert not os.path.exists(checkpoint)
 
 
 def test_export_and_import_move_a_container_with_its_tcp_stream(host, tmp_path):

@@ -89,6 +89,20 @@ def hosts(busybox_cache):
     h.close()
 
 
+def streaming_container(cli: Cli, client_ns: int):
+    """A routed container without NAT sending the sequence; (name, address, reader),
+    the reader connected from the client namespace and reading."""
+    name = unique()
+    cli.run("create", name, "--template", "busybox", "-c", "net.nat=false", check=True)
+    cli.run("start", name, check=True)
+    cli.run("exec", name, "--", "sh", "-c",
+            f"setsid sh -c '{STREAM}' </dev/null >/dev/null 2>&1 &", check=True)
+    address = cli.json("status", name)["addresses"][0]
+    stream = connect_when_listening(address, client_ns)
+    stream.start()
+    return name, address, stream
+
+
 def test_remotes_pin_certificates_and_need_tokens(hosts):
     a, b = hosts.cli_a, hosts.cli_b
     b.run("remote", "listen", B_ADDR, check=True)
@@ -121,14 +135,7 @@ def test_remotes_pin_certificates_and_need_tokens(hosts):
 def test_live_migration_there_and_back_keeps_the_tcp_stream(hosts):
     hosts.pair()
     a, b = hosts.cli_a, hosts.cli_b
-    name = unique()
-    a.run("create", name, "--template", "busybox", "-c", "net.nat=false", check=True)
-    a.run("start", name, check=True)
-    a.run("exec", name, "--", "sh", "-c",
-          f"setsid sh -c '{STREAM}' </dev/null >/dev/null 2>&1 &", check=True)
-    address = a.json("status", name)["addresses"][0]
-    stream = connect_when_listening(address, hosts.client)
-    stream.start()
+    name, address, stream = streaming_container(a, hosts.client)
     try:
         stream.more()
         gap_before = stream.longest_gap_ms()
@@ -259,14 +266,7 @@ def test_a_connection_cut_while_sending_resumes_the_container_here(hosts):
         a.run("remote", "add", "b", B_ADDR, "--token", "any", check=True)  # fake accepts
         pinned = a.json("remote", "list")["remotes"][0]["fingerprint"]
         assert pinned == tls.fingerprint_of_file(os.path.join(fake.dir, "server.crt"))
-        name = unique()
-        a.run("create", name, "--template", "busybox", "-c", "net.nat=false", check=True)
-        a.run("start", name, check=True)
-        a.run("exec", name, "--", "sh", "-c",
-              f"setsid sh -c '{STREAM}' </dev/null >/dev/null 2>&1 &", check=True)
-        address = a.json("status", name)["addresses"][0]
-        stream = connect_when_listening(address, hosts.client)
-        stream.start()
+        name, _, stream = streaming_container(a, hosts.client)
         try:
             stream.more()
             pid = a.json("status", name)["init_pid"]

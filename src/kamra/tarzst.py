@@ -7,7 +7,7 @@ import contextlib
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 import zstandard
@@ -72,3 +72,23 @@ def tar_to_zstd(argv: list[str], out: BinaryIO, what: str,
             raise
         if code != 0:
             raise KamraError(f"{what} failed: tar: {stderr_tail(err)}")
+
+
+def feed_tar(argv: list[str], chunks: Iterable[bytes]) -> tuple[int, str]:
+    """Run ``argv`` (a tar reading stdin) on ``chunks``; (its exit status, its last
+    words). If producing a chunk raises, tar is killed and the error goes on."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=err)
+        assert proc.stdin is not None
+        try:
+            with contextlib.suppress(BrokenPipeError):  # tar stopped early: it says why
+                for chunk in chunks:
+                    proc.stdin.write(chunk)
+                proc.stdin.close()
+            code = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        return code, stderr_tail(err)

@@ -16,16 +16,14 @@ are overlay whiteouts (character devices 0:0).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
 import tarfile
 import tempfile
 from typing import Any, BinaryIO
 
 from kamra.errors import InvalidInput, KamraError, NotFound
-from kamra.tarzst import atomic_output, stderr_tail, tar_to_zstd
+from kamra.tarzst import atomic_output, feed_tar, tar_to_zstd
 from kamra.templates.zstdio import ZstdReader
 
 MANIFEST = "kamra-checkpoint.json"
@@ -125,23 +123,11 @@ def read(path: str) -> dict[str, Any]:
 
 def extract(path: str, into: str) -> None:
     """Unpack checkpoint/ and upper/ into ``into`` (after ``read`` accepted the file)."""
-    with _open(path) as f, tempfile.TemporaryFile() as err:
+    with _open(path) as f:
         reader = ZstdReader(f, f"archive {path}", lambda n: None)
         # Members that are not in the archive (no checkpoint/ for a stopped container)
         # are not an error: every member was checked by ``read`` already.
-        argv = ["tar", *_TAR, "-xpf", "-", "-C", into]
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=err)
-        assert proc.stdin is not None
-        try:
-            with contextlib.suppress(BrokenPipeError):
-                while chunk := reader.read(_CHUNK):
-                    proc.stdin.write(chunk)
-                proc.stdin.close()
-            code = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        if code != 0:
-            raise KamraError(f"unpacking {path} failed: tar: {stderr_tail(err)}")
+        code, warnings = feed_tar(["tar", *_TAR, "-xpf", "-", "-C", into],
+                                  iter(lambda: reader.read(_CHUNK), b""))
+    if code != 0:
+        raise KamraError(f"unpacking {path} failed: tar: {warnings}")

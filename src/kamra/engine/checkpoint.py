@@ -73,18 +73,22 @@ def lxcfs_mounts(pid: int) -> list[str]:
     return found
 
 
-def _replace_dir(new: str, final: str) -> None:
-    """Put ``new`` in place of ``final``; the old one is removed in the background (a
-    gigabyte of images takes a while to unlink, and nobody needs to wait for it)."""
-    old = f"{final}.old-{os.urandom(3).hex()}"
+def _remove_later(path: str) -> None:
+    """Move ``path`` aside and remove it in the background (a gigabyte of images takes a
+    while to unlink, and nobody needs to wait for it)."""
+    old = f"{path}.old-{os.urandom(3).hex()}"
     try:
-        os.rename(final, old)
+        os.rename(path, old)
     except FileNotFoundError:
-        old = ""
+        return
+    threading.Thread(target=shutil.rmtree, args=(old, True), daemon=True,
+                     name="kamra-rm-checkpoint").start()
+
+
+def _replace_dir(new: str, final: str) -> None:
+    """Put ``new`` in place of ``final``; the old one goes in the background."""
+    _remove_later(final)
     os.rename(new, final)
-    if old:
-        threading.Thread(target=shutil.rmtree, args=(old, True), daemon=True,
-                         name="kamra-rm-checkpoint").start()
 
 
 def _output_pipe(pid: int) -> str | None:
@@ -260,10 +264,11 @@ class Checkpoints:
             meta = self.meta(name)
             if meta is None:
                 raise NotFound(f"the checkpoint of {name!r} is missing or incomplete "
-                               f"({self.directory(name)}): start it afresh with "
-                               f"'kamra start {name}'")
+                               f"({self.directory(name)}): boot it afresh with "
+                               f"'kamra start {name} --discard-checkpoint'")
             started = time.perf_counter()
             self._restore_locked(record, meta)
+            _remove_later(self.directory(name))  # spent: the next start boots afresh
             result = host._status(record)
             result["restore_ms"] = round((time.perf_counter() - started) * 1000, 1)
             return result

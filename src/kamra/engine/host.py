@@ -416,9 +416,11 @@ class Host:
                 raise Conflict(f"container {name!r} is checkpointed: resume it with 'kamra "
                                f"restore {name}', or boot it afresh (dropping the "
                                f"checkpoint) with 'kamra start {name} --discard-checkpoint'")
-            if record.state in ("checkpointing", "restoring"):
-                raise Conflict(f"container {name!r} is {record.state}: wait for it")
-            self.checkpoints.discard(name)
+            if record.state in ("checkpointing", "migrating"):
+                raise Conflict(f"container {name!r} is {record.state}: see 'kamra status "
+                               f"{name}'")
+            if record.state == "checkpointed":
+                self.checkpoints.discard(name)
             via_standby = self._start_locked(record, stdio)
         result = self._status(record)
         result["start_ms"] = round((time.perf_counter() - received) * 1000, 3)

@@ -26,6 +26,7 @@ import logging
 import os
 import ssl
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kamra.checkpoint import archive
@@ -46,6 +47,15 @@ MAX_ARCHIVE = 1 << 40
 OPERATION_TIMEOUT = 600.0  # seconds one request may take on the target
 
 
+@dataclass
+class _Trip:
+    """One migration under way: its connection, the remote's name, progress reports."""
+
+    sock: ssl.SSLSocket
+    remote: str
+    progress: Progress | None
+
+
 class RemoteRefused(KamraError):
     """The target answered with an error."""
 
@@ -64,7 +74,6 @@ class Migrations:
     def __init__(self, host: Host):
         self.host = host
         self.remotes = RemoteStore(host.layout.root)
-        self.progress: Progress | None = None
 
     # -- remotes ------------------------------------------------------------------------
     def connect(self, remote: dict) -> ssl.SSLSocket:
@@ -106,7 +115,6 @@ class Migrations:
         host = self.host
         remote = self.remotes.get(remote_name)
         began = time.perf_counter()
-        self.progress = progress
         with host._lock(name):
             record = host._record(name)
             if record.state not in ("running", "stopped"):
@@ -117,15 +125,16 @@ class Migrations:
                                "a running container (use --mode restart)")
             emit(progress, "check", message=remote_name)
             with self.connect(remote) as sock:
+                trip = _Trip(sock, remote_name, progress)
                 checked = _ask(sock, {"op": "check", "name": name,
                                       "manifest": host.checkpoints._manifest(record, None)})
                 if checked.get("need_template"):
-                    self._send_template(sock, record.template)
+                    self._send_template(trip, record.template)
                 reason = None
                 result: dict[str, Any] | None = None
                 if record.state == "running" and mode in ("auto", "live"):
                     try:
-                        result = self._live(record, sock, remote_name)
+                        result = self._live(record, trip)
                     except _NotDumpable as exc:
                         if mode == "live":
                             raise KamraError(f"live migration of {name!r} is not possible: "
@@ -133,20 +142,21 @@ class Migrations:
                                 from None
                         reason = str(exc)
                 if result is None:
-                    result = self._restart(record, sock, remote_name)
+                    result = self._restart(record, trip)
         result.update({"name": name, "remote": remote_name, "reason": reason,
                        "total_ms": round((time.perf_counter() - began) * 1000, 1)})
         return result
 
-    def _send_archive(self, sock: ssl.SSLSocket, record: ContainerRecord,
-                      meta: dict | None, images: str | None) -> int:
+    def _send_archive(self, trip: _Trip, record: ContainerRecord, meta: dict | None,
+                      images: str | None) -> int:
         """Pack and send the container (its images, if any, and its files) as it is
         packed: no file on the source."""
         host = self.host
+        sock = trip.sock
         upper = host.storage(record).upper_dir(host.layout.container_dir(record.name))
         try:
             wire.send(sock, {"op": "send", "name": record.name})
-            sender = wire.FileSender(sock, lambda n: emit(self.progress, "send", n))
+            sender = wire.FileSender(sock, lambda n: emit(trip.progress, "send", n))
             archive.stream(sender, host.checkpoints._manifest(record, meta), images, upper)
             sender.close()
             reply, _ = wire.recv(sock)
@@ -157,14 +167,15 @@ class Migrations:
             raise RemoteRefused(str(reply["error"]))
         return sender.sent
 
-    def _send_template(self, sock: ssl.SSLSocket, name: str) -> None:
+    def _send_template(self, trip: _Trip, name: str) -> None:
         """The target lacks the template: send it (it verifies the digest)."""
         from kamra.templates.archive import stream_template
 
         info = self.host.templates.get(name)
+        sock = trip.sock
         try:
             wire.send(sock, {"op": "template", "name": name, "digest": info.digest})
-            sender = wire.FileSender(sock, lambda n: emit(self.progress, "template", n,
+            sender = wire.FileSender(sock, lambda n: emit(trip.progress, "template", n,
                                                           message=name))
             stream_template(info, sender)
             sender.close()
@@ -174,21 +185,21 @@ class Migrations:
         if "error" in reply:
             raise RemoteRefused(f"the target refused template {name!r}: {reply['error']}")
 
-    def _live(self, record: ContainerRecord, sock: ssl.SSLSocket, remote: str) -> dict:
+    def _live(self, record: ContainerRecord, trip: _Trip) -> dict:
         host = self.host
         name = record.name
         sent: list[int] = []
 
         def post_dump(images: str, meta: dict) -> None:
             # The tasks are frozen and the network locked: ship everything.
-            sent.append(self._send_archive(sock, record, meta, images))
+            sent.append(self._send_archive(trip, record, meta, images))
 
         try:
             host.checkpoints._check_dumpable(record)
         except Conflict as exc:
             raise _NotDumpable(exc.message) from None
         frozen = time.perf_counter()
-        emit(self.progress, "dump", message=name)
+        emit(trip.progress, "dump", message=name)
         try:
             host.checkpoints._dump(record, False, post_dump=post_dump)
         except DumpFailed as exc:
@@ -196,36 +207,36 @@ class Migrations:
         # The source's tasks are gone; its checkpoint stays until the target confirms.
         host.wait_exit(name, record.init_pid, 10)
         host._finish_stop(record, {"status": None, "code": None, "signal": None,
-                                   "reason": f"migrated to {remote}"}, state="checkpointed")
-        status = self._resume(record, sock, remote)
+                                   "reason": f"migrated to {trip.remote}"}, state="checkpointed")
+        status = self._resume(record, trip)
         downtime = (time.perf_counter() - frozen) * 1000
         self._forget(record)
         return {"mode": "live", "bytes": sent[0] if sent else 0,
                 "downtime_ms": round(downtime, 1), "status": status}
 
-    def _restart(self, record: ContainerRecord, sock: ssl.SSLSocket, remote: str) -> dict:
+    def _restart(self, record: ContainerRecord, trip: _Trip) -> dict:
         host = self.host
         was_running = record.state == "running"
         stopped_at = time.perf_counter()
         if was_running:
-            emit(self.progress, "stop", message=record.name)
+            emit(trip.progress, "stop", message=record.name)
             host._stop_locked(record, 10, False)
         try:
-            sent = self._send_archive(sock, record, None, None)
+            sent = self._send_archive(trip, record, None, None)
         except BaseException:
             if was_running:  # not moved: it runs here again
                 host._start_locked(record, None)
             raise
-        status = self._resume(record, sock, remote, start=was_running)
+        status = self._resume(record, trip, start=was_running)
         downtime = (time.perf_counter() - stopped_at) * 1000
         self._forget(record)
         return {"mode": "restart", "bytes": sent, "downtime_ms": round(downtime, 1),
                 "status": status}
 
-    def _resume(self, record: ContainerRecord, sock: ssl.SSLSocket, remote: str,
-                start: bool = True) -> dict:
+    def _resume(self, record: ContainerRecord, trip: _Trip, start: bool = True) -> dict:
         name = record.name
-        emit(self.progress, "resume", message=remote)
+        sock, remote = trip.sock, trip.remote
+        emit(trip.progress, "resume", message=remote)
         try:
             wire.send(sock, {"op": "resume", "name": name, "start": start})
         except (OSError, wire.WireError) as exc:

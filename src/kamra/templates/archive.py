@@ -8,16 +8,14 @@ that a hostile archive is refused before anything is written.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-import subprocess
 import tarfile
-import tempfile
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from kamra.errors import InvalidInput, KamraError, KernelError, NotFound
-from kamra.tarzst import atomic_output, stderr_tail, tar_to_zstd
+from kamra.tarzst import atomic_output, feed_tar, tar_to_zstd
 from kamra.templates.digest import digest_and_size
 from kamra.templates.fsutil import remove_tree, scratch_name
 from kamra.templates.model import METADATA, ROOTFS, Progress, TemplateInfo, emit
@@ -96,26 +94,14 @@ def _extract(f: BinaryIO, label: str, size: int, into: str, expected: tuple[byte
     # Limit what tar may write to the two names the check allowed, as a second fence.
     argv = ["tar", *_TAR_COMMON, "--no-wildcards", "-xpf", "-", "-C", into, METADATA, ROOTFS]
     expected_hash, limit = expected
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=err)
-        assert proc.stdin is not None
-        try:
-            try:
-                while chunk := reader.read(_CHUNK):
-                    if reader.produced > limit:  # more than the checked stream held
-                        raise InvalidInput(f"{label} changed while it was being imported")
-                    proc.stdin.write(chunk)
-            except BrokenPipeError:
-                pass  # tar stopped early; its exit status and stderr say why
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.close()
-            code = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        warnings = stderr_tail(err)
+
+    def chunks() -> Iterator[bytes]:
+        while chunk := reader.read(_CHUNK):
+            if reader.produced > limit:  # more than the checked stream held
+                raise InvalidInput(f"{label} changed while it was being imported")
+            yield chunk
+
+    code, warnings = feed_tar(argv, chunks())
     if reader.hash.digest() != expected_hash:
         raise InvalidInput(f"{label} changed while it was being imported")
     if code != 0:
