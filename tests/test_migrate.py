@@ -204,18 +204,25 @@ def test_a_refusing_target_leaves_it_running_and_a_missing_template_is_sent(host
 
 
 class FakeTarget(threading.Thread):
-    """A "target" on host B's address that speaks the protocol, then hangs up at a chosen
-    point: after reading ``cut_after`` chunks of the container's archive."""
+    """A "target" on host B's address that speaks the protocol, with a real CRIU page
+    server behind the page stream, and hangs up at a chosen point (``cut``):
 
-    def __init__(self, hosts: Hosts, cut_after: int):
+      pages    right after accepting the page stream (CRIU's dump loses its server)
+      chunk    after the first chunk of the container's archive
+      restore  when asked to restore (the source's tasks are still frozen)
+      resume   after saying "restored" and reading the source's commit
+    """
+
+    def __init__(self, hosts: Hosts, cut: str):
         from kamra.remote import tls
 
         super().__init__(daemon=True)
         self.dir = tempfile.mkdtemp(prefix="kamra-fake-")
         cert, key = tls.ensure_certificate(self.dir)
         self.context = tls.server_context(cert, key)
-        self.cut_after = cut_after
+        self.cut = cut
         self.seen: list[str] = []
+        self.threads: list[threading.Thread] = []
 
         def listen() -> socket.socket:
             sock = socket.socket()
@@ -228,39 +235,67 @@ class FakeTarget(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        from kamra.remote import wire
-
         while True:
             try:
                 raw, _ = self.listener.accept()
             except OSError:
                 return
-            with self.context.wrap_socket(raw, server_side=True) as sock:
-                try:
-                    chunks = 0
-                    while True:
-                        message, _ = wire.recv(sock)
-                        self.seen.append(message.get("op", "?"))
-                        if message.get("op") == "chunk":
-                            chunks += 1
-                            if chunks > self.cut_after:
-                                break  # the cut: the connection drops mid-transfer
-                        elif message.get("op") in ("hello", "check"):
-                            wire.send(sock, {"ok": True})
-                except (OSError, wire.WireError):
-                    pass
+            thread = threading.Thread(target=self._connection, args=(raw,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _connection(self, raw: socket.socket) -> None:
+        from kamra.remote import wire
+
+        with self.context.wrap_socket(raw, server_side=True) as sock:
+            try:
+                while True:
+                    message, _ = wire.recv(sock)
+                    op = message.get("op", "?")
+                    self.seen.append(op)
+                    if op == "pages":
+                        wire.send(sock, {"ok": True})
+                        if self.cut != "pages":
+                            self._page_server(sock)
+                        return
+                    if op == self.cut:
+                        return  # the cut: the connection drops here
+                    if op in ("hello", "check", "end"):
+                        wire.send(sock, {"ok": True})
+                    elif op == "restore":
+                        wire.send(sock, {"restored": True})
+                    elif op == "has":
+                        wire.send(sock, {"state": None})  # it never got the container
+            except (OSError, wire.WireError):
+                pass
+
+    def _page_server(self, sock) -> None:
+        from kamra.checkpoint.criu import Criu
+        from kamra.engine.checkpoint import criu_binary
+        from kamra.remote.relay import relay
+
+        local, theirs = socket.socketpair()
+        with local:
+            proc = Criu(criu_binary()).page_server(self.dir, theirs.fileno())
+            theirs.close()
+            relay(sock, local)
+        proc.wait()
 
     def close(self) -> None:
         self.listener.close()
+        for thread in self.threads:
+            thread.join(10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def test_a_connection_cut_while_sending_resumes_the_container_here(hosts):
-    """The target goes away in the middle of the archive (tasks frozen on the source):
-    CRIU resumes them on the source, which says what happened in one line."""
+@pytest.mark.parametrize("cut", ["pages", "chunk", "restore"])
+def test_a_cut_before_the_commit_resumes_the_container_here(hosts, cut):
+    """The target goes away before the source committed (its tasks frozen): CRIU
+    resumes them on the source, which says what happened in one line, and the client's
+    connection goes on."""
     from kamra.remote import tls
 
-    fake = FakeTarget(hosts, cut_after=0)
+    fake = FakeTarget(hosts, cut)
     try:
         a = hosts.cli_a
         a.run("remote", "add", "b", B_ADDR, "--token", "any", check=True)  # fake accepts
@@ -270,16 +305,49 @@ def test_a_connection_cut_while_sending_resumes_the_container_here(hosts):
         try:
             stream.more()
             pid = a.json("status", name)["init_pid"]
-            cut = a.run("migrate", name, "b")
-            assert cut.returncode != 0, cut.stdout
-            assert "failed" in cut.stderr and "Traceback" not in cut.stderr, cut.stderr
-            assert len(cut.stderr.strip().splitlines()) == 1, cut.stderr
-            assert "chunk" in fake.seen  # it was cut while the archive was on its way
+            moved = a.run("migrate", name, "b")
+            assert moved.returncode != 0, moved.stdout
+            assert "Traceback" not in moved.stderr, moved.stderr
+            assert len(moved.stderr.strip().splitlines()) == 1, moved.stderr
+            assert cut in fake.seen, fake.seen  # the cut came where it was meant to
+            if cut == "pages":  # the memory had nowhere to go: no fallback to restart
+                assert "could not reach" in moved.stderr, moved.stderr
             status = a.json("status", name)
             assert status["state"] == "running" and status["init_pid"] == pid
             stream.more()  # the network was unlocked, the same connection goes on
             stream.check()
         finally:
             stream.close()
+    finally:
+        fake.close()
+
+
+def test_a_lost_answer_after_the_commit_leaves_it_migrating_until_settled(hosts):
+    """The target hangs up after reading the commit: the source's tasks are gone (the
+    target owns the container), the source shows it ``migrating`` and says so; asking
+    again settles it with whatever the target says (this fake has nothing: the container
+    comes back stopped here, its files intact)."""
+    fake = FakeTarget(hosts, "resume")
+    try:
+        a = hosts.cli_a
+        a.run("remote", "add", "b", B_ADDR, "--token", "any", check=True)
+        name = unique()
+        a.run("create", name, "--template", "busybox", check=True)
+        a.run("start", name, check=True)
+        a.run("exec", name, "--", "sh", "-c", "echo kept > /root/file", check=True)
+        pid = a.json("status", name)["init_pid"]
+        lost = a.run("migrate", name, "b")
+        assert lost.returncode != 0 and "migrating" in lost.stderr, lost.stderr
+        assert len(lost.stderr.strip().splitlines()) == 1, lost.stderr
+        assert a.json("status", name)["state"] == "migrating"
+        assert not os.path.exists(f"/proc/{pid}")
+        refused = a.run("start", name)
+        assert refused.returncode != 0 and "migrating" in refused.stderr
+        settled = a.run("migrate", name, "b")
+        assert settled.returncode == 0, settled.stderr
+        assert "stopped here" in settled.stdout, settled.stdout
+        assert a.json("status", name)["state"] == "stopped"
+        a.run("start", name, check=True)
+        assert a.run("exec", name, "--", "cat", "/root/file", check=True).stdout == "kept\n"
     finally:
         fake.close()

@@ -186,6 +186,18 @@ class Criu:
         request = {"type": rpc.REQ_TYPES[kind], "opts": opts}
         return self._call(kind, request, pass_fds, notify, log_path, timeout)
 
+    def page_server(self, images_dir: str, sock: int) -> subprocess.Popen[bytes]:
+        """Start ``criu page-server`` writing the pages a dump sends over the connected
+        socket ``sock`` (the dump's ``ps.fd`` peer) into ``images_dir``, logging to
+        ``page-server.log`` there. It exits once the dump says it is done
+        (PS_IOV_FORCE_CLOSE): wait for it before reading the images, as it flushes
+        them on the way out. The caller closes its copy of ``sock``."""
+        return subprocess.Popen(
+            [self.binary, "page-server", "--images-dir", images_dir,
+             "--ps-socket", str(sock), "--log-file", "page-server.log", "-v4"],
+            pass_fds=(sock,), close_fds=True, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def version(self) -> tuple[int, int, int]:
         """(major, minor, sublevel) of the CRIU binary."""
         answer = self._call("VERSION", {"type": rpc.REQ_TYPES["VERSION"]}, (), None, None, 60)

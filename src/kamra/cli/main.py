@@ -656,6 +656,9 @@ def cmd_migrate(client: Client, a: argparse.Namespace) -> int:
     if a.format == "json":
         _json(data)
         return 0
+    if data.get("settled"):
+        print(f"settled the migration of {a.name} to {a.remote}: {data['settled']}")
+        return 0
     if data.get("reason"):
         print(f"live migration not possible ({data['reason']}): used restart mode")
     print(f"migrated {a.name} to {a.remote} ({data['mode']}): {data['bytes'] / 1e6:.1f} MB "

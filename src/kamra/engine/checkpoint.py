@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -174,9 +175,12 @@ class Checkpoints:
 
     def _dump(self, record: ContainerRecord, leave_running: bool,
               export: str | None = None,
-              post_dump: Callable[[str, dict], None] | None = None) -> dict:
+              post_dump: Callable[[str, dict], None] | None = None,
+              page_server: socket.socket | None = None) -> dict:
         """CRIU's dump into the checkpoint directory. ``post_dump(images, meta)`` runs
-        while the tasks are still frozen; if it raises, CRIU resumes them."""
+        while the tasks are still frozen; if it raises, CRIU resumes them. With
+        ``page_server`` (a connected socket) the memory pages go to the CRIU page server
+        at its other end instead of the directory."""
         host = self.host
         name = record.name
         final = self.directory(name)
@@ -197,6 +201,8 @@ class Checkpoints:
             # unasked), so mounting it anew on restore is all CRIU needs to do.
             "enable_fs": ["hugetlbfs"],
         }
+        if page_server is not None:
+            opts["ps"] = {"fd": page_server.fileno()}
         meta = {"name": name, "created_at": time.time(), "lxcfs": lxcfs, "output": output,
                 "net_mode": host.network.mode(record), "hostname": record.hostname,
                 "leave_running": leave_running, "template_digest": record.template_digest}
@@ -221,7 +227,8 @@ class Checkpoints:
         try:
             opts["images_dir_fd"] = images
             Criu(criu_binary()).run("DUMP", opts, log_path=os.path.join(work, "dump.log"),
-                                    notify=notify)
+                                    notify=notify,
+                                    pass_fds=[page_server.fileno()] if page_server else [])
         except CriuError as exc:
             # CRIU resumes the tasks and unlocks the network when a dump fails.
             self._back_to_running(record)
@@ -252,7 +259,12 @@ class Checkpoints:
             self.host.store.update(record)
 
     # -- restore ------------------------------------------------------------------------
-    def restore(self, name: str, *, import_file: str | None = None) -> dict:
+    def restore(self, name: str, *, import_file: str | None = None,
+                before_resume: Callable[[], None] | None = None) -> dict:
+        """Restore the checkpoint. ``before_resume`` runs once the processes are
+        restored, still stopped and with the network locked; if it raises, CRIU kills
+        them and the restore is undone (a migration's target waits there for the
+        source's commit)."""
         host = self.host
         with host._lock(name):
             if import_file is not None:
@@ -267,13 +279,14 @@ class Checkpoints:
                                f"({self.directory(name)}): boot it afresh with "
                                f"'kamra start {name} --discard-checkpoint'")
             started = time.perf_counter()
-            self._restore_locked(record, meta)
+            self._restore_locked(record, meta, before_resume)
             _remove_later(self.directory(name))  # spent: the next start boots afresh
             result = host._status(record)
             result["restore_ms"] = round((time.perf_counter() - started) * 1000, 1)
             return result
 
-    def _restore_locked(self, record: ContainerRecord, meta: dict) -> None:
+    def _restore_locked(self, record: ContainerRecord, meta: dict,
+                        before_resume: Callable[[], None] | None = None) -> None:
         host = self.host
         name = record.name
         info = host.templates.get(record.template)
@@ -300,7 +313,8 @@ class Checkpoints:
                                      "files come from it")
                 networked = host.network.mode(record) != "none"
                 revert.add("remove the network", host.network.teardown, record)
-                reply = self._run_restore(record, directory, rootfs, meta, lxcfs, networked)
+                reply = self._run_restore(record, directory, rootfs, meta, lxcfs, networked,
+                                          before_resume)
                 record.state = "running"
                 record.init_pid = reply["pid"]
                 record.init_start = reply["start"]
@@ -320,7 +334,8 @@ class Checkpoints:
                              f"{exc.strerror or exc}; the checkpoint is kept") from None
 
     def _run_restore(self, record: ContainerRecord, directory: str, rootfs: str,
-                     meta: dict, lxcfs: str | None, networked: bool) -> dict:
+                     meta: dict, lxcfs: str | None, networked: bool,
+                     before_resume: Callable[[], None] | None) -> dict:
         host = self.host
         name = record.name
         opts: dict[str, Any] = {
@@ -344,7 +359,8 @@ class Checkpoints:
                 "cgroup_procs": host.cgroups.procs_files(name),
                 "console_log": os.path.join(host.layout.container_dir(name), "console.log"),
                 "log_path": os.path.join(directory, "restore.log"),
-                "forward": ["post-setup-namespaces"] if networked else [],
+                "forward": ((["post-setup-namespaces"] if networked else [])
+                            + (["post-restore"] if before_resume else [])),
                 "output_key": meta.get("output"),
             }, [images])
         finally:
@@ -359,14 +375,25 @@ class Checkpoints:
                                      f"{directory}/restore.log")
                 if "notify" not in message:
                     break
-                fdpass.send(sock, self._on_notify(record, message))
+                fdpass.send(sock, self._on_notify(record, message, before_resume))
         if "error" in message:
             raise KamraError(f"{message['error']} (CRIU's log: "
                              f"{message.get('log') or directory + '/restore.log'})")
         return message
 
-    def _on_notify(self, record: ContainerRecord, message: dict) -> dict:
-        """CRIU made the container's (empty, locked) network namespace: wire it."""
+    def _on_notify(self, record: ContainerRecord, message: dict,
+                   before_resume: Callable[[], None] | None) -> dict:
+        """post-setup-namespaces: CRIU made the container's (empty, locked) network
+        namespace: wire it. post-restore: everything is restored but not yet running."""
+        if message["notify"] == "post-restore" and before_resume is not None:
+            try:
+                before_resume()
+            except KamraError as exc:
+                return {"error": exc.message}
+            except (OSError, ValueError) as exc:
+                return {"error": f"before resuming: {exc}"}
+            self.host.network.announce(record)
+            return {"ok": True}
         if message["notify"] != "post-setup-namespaces":
             return {"ok": True}
         try:
@@ -381,7 +408,9 @@ class Checkpoints:
             os.close(ns_fd)
         # Before the tasks resume: a peer's first answer to them must already come here
         # (routed with an uplink; a bridged container announces itself once running).
-        self.host.network.announce(record)
+        # A migration announces only after the source committed (post-restore).
+        if before_resume is None:
+            self.host.network.announce(record)
         return {"ok": True}
 
     def _import(self, name: str, path: str) -> None:

@@ -323,6 +323,9 @@ class Host:
             if record.state in ("checkpointing", "checkpointed"):
                 self._reconcile_checkpoint(record, inits.get(record.name))
                 continue
+            if record.state == "migrating":
+                self._reconcile_migrating(record)
+                continue
             if record.state not in RUNNING_STATES:
                 continue
             known = inits.get(record.name)
@@ -344,6 +347,26 @@ class Host:
             with self._lock(record.name):
                 self._finish_stop(record, {"status": None, "code": None, "signal": None,
                                            "reason": "lost"})
+
+    def _reconcile_migrating(self, record: ContainerRecord) -> None:
+        """A kamrad that died after committing a live migration: the remote owns the
+        container, so tasks CRIU resumed here when kamrad went away must not run on."""
+        if record.init_pid and proc.alive(record.init_pid, record.init_start):
+            log.warning("%s was committed to %s: ending its processes here", record.name,
+                        record.migrating_to)
+            try:
+                os.kill(record.init_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 10
+            while proc.alive(record.init_pid, record.init_start) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
+        if record.init_pid:
+            with self._lock(record.name):
+                self._finish_stop(record, {"status": None, "code": None, "signal": None,
+                                           "reason": f"migrated to {record.migrating_to}"},
+                                  state="migrating")
 
     def _reconcile_checkpoint(self, record: ContainerRecord, known: dict | None) -> None:
         """A kamrad that died during a checkpoint or a restore: settle what CRIU did."""

@@ -24,15 +24,21 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import socket
 import ssl
+import subprocess
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kamra.checkpoint import archive
-from kamra.engine.checkpoint import DumpFailed
-from kamra.errors import AlreadyExists, Conflict, InvalidInput, KamraError, NotFound
+from kamra.checkpoint.criu import Criu, log_errors
+from kamra.engine.checkpoint import DumpFailed, criu_binary
+from kamra.errors import AlreadyExists, Conflict, InvalidInput, KamraError
 from kamra.remote import tls, wire
+from kamra.remote.relay import Relayed, relay
 from kamra.remote.store import RemoteStore, parse_address
 from kamra.templates.model import Progress, emit
 
@@ -45,6 +51,7 @@ log = logging.getLogger("kamra.migrate")
 MODES = ("auto", "live", "restart")
 MAX_ARCHIVE = 1 << 40
 OPERATION_TIMEOUT = 600.0  # seconds one request may take on the target
+COMMIT_TIMEOUT = 60.0  # seconds a restored target waits, stopped, for the source's commit
 
 
 @dataclass
@@ -54,6 +61,7 @@ class _Trip:
     sock: ssl.SSLSocket
     remote: str
     progress: Progress | None
+    id: str = field(default_factory=lambda: os.urandom(8).hex())
 
 
 class RemoteRefused(KamraError):
@@ -74,6 +82,8 @@ class Migrations:
     def __init__(self, host: Host):
         self.host = host
         self.remotes = RemoteStore(host.layout.root)
+        self._guard = threading.Lock()
+        self._incoming: dict[str, _IncomingPages] = {}  # by migration id
 
     # -- remotes ------------------------------------------------------------------------
     def connect(self, remote: dict) -> ssl.SSLSocket:
@@ -117,6 +127,8 @@ class Migrations:
         began = time.perf_counter()
         with host._lock(name):
             record = host._record(name)
+            if record.state == "migrating":
+                return self._settle(record, remote_name, began)
             if record.state not in ("running", "stopped"):
                 raise Conflict(f"container {name!r} is {record.state}: only a running or "
                                "stopped container can migrate")
@@ -126,7 +138,7 @@ class Migrations:
             emit(progress, "check", message=remote_name)
             with self.connect(remote) as sock:
                 trip = _Trip(sock, remote_name, progress)
-                checked = _ask(sock, {"op": "check", "name": name,
+                checked = _ask(sock, {"op": "check", "name": name, "trip": trip.id,
                                       "manifest": host.checkpoints._manifest(record, None)})
                 if checked.get("need_template"):
                     self._send_template(trip, record.template)
@@ -148,14 +160,15 @@ class Migrations:
         return result
 
     def _send_archive(self, trip: _Trip, record: ContainerRecord, meta: dict | None,
-                      images: str | None) -> int:
+                      images: str | None, pages: bool = False) -> int:
         """Pack and send the container (its images, if any, and its files) as it is
         packed: no file on the source."""
         host = self.host
         sock = trip.sock
         upper = host.storage(record).upper_dir(host.layout.container_dir(record.name))
         try:
-            wire.send(sock, {"op": "send", "name": record.name})
+            wire.send(sock, {"op": "send", "name": record.name,
+                             "pages": trip.id if pages else None})
             sender = wire.FileSender(sock, lambda n: emit(trip.progress, "send", n))
             archive.stream(sender, host.checkpoints._manifest(record, meta), images, upper)
             sender.close()
@@ -188,31 +201,96 @@ class Migrations:
     def _live(self, record: ContainerRecord, trip: _Trip) -> dict:
         host = self.host
         name = record.name
-        sent: list[int] = []
-
-        def post_dump(images: str, meta: dict) -> None:
-            # The tasks are frozen and the network locked: ship everything.
-            sent.append(self._send_archive(trip, record, meta, images))
-
         try:
             host.checkpoints._check_dumpable(record)
         except Conflict as exc:
             raise _NotDumpable(exc.message) from None
+        outcome: dict[str, Any] = {}
+
+        def post_dump(images: str, meta: dict) -> None:
+            # The tasks are frozen, the network locked, the pages on the target.
+            outcome["bytes"] = self._send_archive(trip, record, meta, images, pages=True)
+            self._restore_there(trip, name)  # restored there, stopped: raises if not
+            self._commit(trip, record, outcome)  # never raises: the target owns it now
+
+        pages = self._open_pages(trip, name)
+        local, for_criu = socket.socketpair()
+        relayed: list[Relayed] = []
+        relaying = threading.Thread(target=lambda: relayed.append(relay(pages, local)),
+                                    name="kamra-pages", daemon=True)
+        relaying.start()
         frozen = time.perf_counter()
         emit(trip.progress, "dump", message=name)
         try:
-            host.checkpoints._dump(record, False, post_dump=post_dump)
+            host.checkpoints._dump(record, False, post_dump=post_dump, page_server=for_criu)
         except DumpFailed as exc:
+            for_criu.close()
+            relaying.join(30)
+            # The page stream broke (CRIU's page transfer failed): not the container's
+            # fault, so no fallback to restart mode.
+            if relayed and relayed[0].cut and "page-xfer" in exc.message:
+                raise KamraError(f"the memory of {name!r} could not reach {trip.remote} "
+                                 "(the connection broke); it keeps running here") from None
             raise _NotDumpable(exc.message) from None
-        # The source's tasks are gone; its checkpoint stays until the target confirms.
+        finally:
+            for_criu.close()  # criu is gone: the relay reads the end of it
+            relaying.join(30)
+            pages.close()
+            local.close()
+        # Committed: the source's tasks are gone (CRIU killed them after post-dump).
         host.wait_exit(name, record.init_pid, 10)
         host._finish_stop(record, {"status": None, "code": None, "signal": None,
-                                   "reason": f"migrated to {trip.remote}"}, state="checkpointed")
-        status = self._resume(record, trip)
+                                   "reason": f"migrated to {trip.remote}"}, state="migrating")
         downtime = (time.perf_counter() - frozen) * 1000
+        reply = outcome.get("reply")
+        if reply is None:
+            raise KamraError(f"lost {trip.remote} after it was told to resume {name!r} "
+                             f"({outcome.get('lost')}): it runs there unless that failed; "
+                             f"it stays 'migrating' here until 'kamra migrate {name} "
+                             f"{trip.remote}' settles it") from None
+        if "error" in reply:
+            raise RemoteRefused(f"{trip.remote} could not resume {name!r} after taking it "
+                                f"over: {reply['error']}; its checkpoint is kept there "
+                                f"('kamra restore {name}' on {trip.remote}), it stays "
+                                "'migrating' here")
         self._forget(record)
-        return {"mode": "live", "bytes": sent[0] if sent else 0,
-                "downtime_ms": round(downtime, 1), "status": status}
+        pages_bytes = relayed[0].sent if relayed else 0
+        return {"mode": "live", "bytes": outcome.get("bytes", 0) + pages_bytes,
+                "pages_bytes": pages_bytes,
+                "downtime_ms": round(downtime, 1), "status": reply.get("status") or {}}
+
+    def _open_pages(self, trip: _Trip, name: str) -> ssl.SSLSocket:
+        """A second connection for CRIU's page stream: the target starts its page server
+        behind it."""
+        sock = self.connect(self.remotes.get(trip.remote))
+        try:
+            _ask(sock, {"op": "pages", "name": name, "trip": trip.id})
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _restore_there(self, trip: _Trip, name: str) -> None:
+        emit(trip.progress, "restore", message=trip.remote)
+        try:
+            reply = _ask(trip.sock, {"op": "restore", "name": name})
+        except (OSError, wire.WireError) as exc:
+            raise KamraError(f"lost {trip.remote} while it restored {name!r}: {exc}") \
+                from None
+        if not reply.get("restored"):
+            raise KamraError(f"{trip.remote} answered the restore with {reply}")
+
+    def _commit(self, trip: _Trip, record: ContainerRecord, outcome: dict) -> None:
+        """The point of no return: recorded durably here, then the target resumes it."""
+        record.state = "migrating"
+        record.migrating_to = trip.remote
+        self.host.store.update(record)
+        emit(trip.progress, "resume", message=trip.remote)
+        try:
+            wire.send(trip.sock, {"op": "resume", "name": record.name})
+            outcome["reply"], _ = wire.recv(trip.sock)
+        except (OSError, wire.WireError) as exc:
+            outcome["lost"] = str(exc) or type(exc).__name__
 
     def _restart(self, record: ContainerRecord, trip: _Trip) -> dict:
         host = self.host
@@ -234,6 +312,7 @@ class Migrations:
                 "status": status}
 
     def _resume(self, record: ContainerRecord, trip: _Trip, start: bool = True) -> dict:
+        """Restart mode: the target starts what it received."""
         name = record.name
         sock, remote = trip.sock, trip.remote
         emit(trip.progress, "resume", message=remote)
@@ -241,21 +320,46 @@ class Migrations:
             wire.send(sock, {"op": "resume", "name": name, "start": start})
         except (OSError, wire.WireError) as exc:
             raise KamraError(f"migrating {name!r} to {remote} failed before the target "
-                             f"resumed it ({exc}); it is {record.state} here: "
-                             f"'kamra {'restore' if record.state == 'checkpointed' else 'start'}"
-                             f" {name}' resumes it") from None
+                             f"started it ({exc}); it is stopped here: 'kamra start {name}' "
+                             "starts it again") from None
         try:
             reply, _ = wire.recv(sock)
         except (OSError, wire.WireError) as exc:
             record.state = "migrating"
+            record.migrating_to = remote
             self.host.store.update(record)
-            raise KamraError(f"lost {remote} while it resumed {name!r} ({exc}): it may run "
-                             f"there now; check with the remote before resuming it here") \
-                from None
+            raise KamraError(f"lost {remote} while it started {name!r} ({exc}): it may run "
+                             f"there now; it stays 'migrating' here until 'kamra migrate "
+                             f"{name} {remote}' settles it") from None
         if "error" in reply:
-            raise RemoteRefused(f"{remote} could not resume {name!r}: {reply['error']}; it "
-                                f"stays there ({reply.get('state', 'checkpointed')})")
+            raise RemoteRefused(f"{remote} could not start {name!r}: {reply['error']}; its "
+                                "files stay there (stopped)")
         return reply.get("status") or {}
+
+    def _settle(self, record: ContainerRecord, remote_name: str, began: float) -> dict:
+        """A migration whose end was not heard: ask the remote whether it has the
+        container. If it does, this copy goes; if not, it is stopped here (its files
+        are intact; its processes did not survive)."""
+        name = record.name
+        if record.migrating_to and record.migrating_to != remote_name:
+            raise Conflict(f"container {name!r} was migrating to {record.migrating_to!r}: "
+                           f"settle it with 'kamra migrate {name} {record.migrating_to}'")
+        remote = self.remotes.get(remote_name)
+        with self.connect(remote) as sock:
+            there = _ask(sock, {"op": "has", "name": name}).get("state")
+        if there:
+            self._forget(record)
+            outcome = f"it is {there} on {remote_name}; removed here"
+        else:
+            self.host.checkpoints.discard(name)
+            record.state = "stopped"
+            record.migrating_to = None
+            self.host.store.update(record)
+            outcome = (f"{remote_name} does not have it; it is stopped here (start it "
+                       "with 'kamra start')")
+        return {"name": name, "remote": remote_name, "mode": "settle", "settled": outcome,
+                "reason": None, "bytes": 0, "downtime_ms": 0,
+                "total_ms": round((time.perf_counter() - began) * 1000, 1)}
 
     def _forget(self, record: ContainerRecord) -> None:
         """The target runs it: remove the source's copy (files, checkpoint, addresses)."""
@@ -265,6 +369,7 @@ class Migrations:
     def serve(self, sock: ssl.SSLSocket, peer: str) -> None:
         """Requests from one authenticated source host (see the module docstring)."""
         imported: str | None = None
+        trip: str | None = None
         try:
             while True:
                 try:
@@ -273,7 +378,14 @@ class Migrations:
                     return
                 op = message.get("op")
                 try:
-                    if op == "check":
+                    if op == "pages":
+                        self._serve_pages(sock, str(message["name"]), str(message["trip"]))
+                        return
+                    if op == "has":
+                        found = self.host.store.get(str(message["name"]))
+                        wire.send(sock, {"state": found.state if found else None})
+                    elif op == "check":
+                        trip = message.get("trip")
                         wire.send(sock, self._check(message["name"], message["manifest"]))
                     elif op == "template":
                         self._receive_template(sock, str(message["name"]),
@@ -281,23 +393,94 @@ class Migrations:
                         wire.send(sock, {"ok": True})
                     elif op == "send":
                         imported = self._receive(sock, str(message["name"]),
-                                                 int(message.get("bytes", 0)))
+                                                 message.get("pages"))
                         wire.send(sock, {"ok": True})
+                    elif op == "restore":
+                        name = str(message["name"])
+                        if name != imported:
+                            raise Conflict(f"nothing of {name!r} was received")
+                        committed: list[bool] = []
+                        try:
+                            status = self._restore_here(sock, name, committed)
+                        finally:
+                            if committed:  # from the commit on the container is ours
+                                imported = None
+                        wire.send(sock, {"ok": True, "status": status})
                     elif op == "resume":
                         name = str(message["name"])
                         if name != imported:
                             raise Conflict(f"nothing of {name!r} was received")
                         imported = None  # from here on the container is ours
-                        wire.send(sock, self._resume_here(name, bool(message.get("start"))))
+                        wire.send(sock, self._start_here(name, bool(message.get("start"))))
                     else:
                         wire.send(sock, {"error": f"unknown request {op!r}"})
                 except KamraError as exc:
                     wire.send(sock, {"error": exc.message})
         finally:
+            if trip is not None:
+                self._discard_pages(str(trip))
             if imported is not None:
                 log.warning("%s went away before resuming %s: dropping what it sent",
                             peer, imported)
                 self._drop(imported)
+
+    def _serve_pages(self, sock: ssl.SSLSocket, name: str, trip: str) -> None:
+        """A CRIU page server whose socket is relayed over this connection: the pages
+        of a live migration land in a staging directory until the archive comes."""
+        from kamra.names import check_name
+
+        check_name(name)
+        if not trip.isalnum() or len(trip) > 32:
+            raise InvalidInput("bad migration id")
+        directory = os.path.join(self.host.layout.run, f"incoming-pages-{trip}")
+        os.makedirs(directory, 0o700)
+        local, for_criu = socket.socketpair()
+        try:
+            proc = Criu(criu_binary()).page_server(directory, for_criu.fileno())
+        except BaseException:
+            local.close()
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        finally:
+            for_criu.close()
+        incoming = _IncomingPages(directory, proc)
+        with self._guard:
+            self._incoming[trip] = incoming
+        try:
+            wire.send(sock, {"ok": True})
+            relay(sock, local)
+        except OSError as exc:
+            log.warning("the page stream of %s broke: %s", name, exc)
+        finally:
+            local.close()  # a page server still waiting reads the end and exits
+
+    def _attach_pages(self, name: str, trip: str) -> None:
+        """Put the pages the page server wrote next to the checkpoint's other images."""
+        with self._guard:
+            incoming = self._incoming.pop(trip, None)
+        if incoming is None:
+            raise Conflict(f"no memory pages of {name!r} arrived")
+        try:
+            try:
+                code = incoming.proc.wait(30)  # it flushes the images as it exits
+            except subprocess.TimeoutExpired:
+                raise KamraError("CRIU's page server did not finish") from None
+            if code != 0:
+                errors = log_errors(os.path.join(incoming.directory, "page-server.log"))
+                raise KamraError("CRIU's page server failed: "
+                                 + ("; ".join(errors) or f"exit status {code}"))
+            directory = self.host.checkpoints.directory(name)
+            for entry in os.listdir(incoming.directory):
+                shutil.move(os.path.join(incoming.directory, entry),
+                            os.path.join(directory, entry))
+        finally:
+            incoming.discard()
+
+    def _discard_pages(self, trip: str) -> None:
+        with self._guard:
+            incoming = self._incoming.pop(trip, None)
+        if incoming is not None:
+            incoming.discard()
 
     def _check(self, name: str, manifest: dict) -> dict:
         from kamra.names import check_name
@@ -336,13 +519,19 @@ class Migrations:
             self.host.templates.remove(name, [])
             raise Conflict(f"template {name!r} arrived as {info.digest}, not {digest}")
 
-    def _receive(self, sock: ssl.SSLSocket, name: str, size: int) -> str:
+    def _receive(self, sock: ssl.SSLSocket, name: str, pages: str | None) -> str:
         path = os.path.join(self.host.layout.run, f"incoming-{name}-{os.urandom(3).hex()}")
         try:
             with open(path, "wb") as f:
                 wire.recv_file(sock, f, MAX_ARCHIVE)
             with self.host._lock(name):
                 self.host.checkpoints._import(name, path)
+                if pages:
+                    try:
+                        self._attach_pages(name, str(pages))
+                    except BaseException:
+                        self._drop(name)
+                        raise
         finally:
             try:
                 os.unlink(path)
@@ -350,17 +539,31 @@ class Migrations:
                 pass
         return name
 
-    def _resume_here(self, name: str, start: bool) -> dict:
+    def _restore_here(self, sock: ssl.SSLSocket, name: str, committed: list[bool]) -> dict:
+        """Restore what arrived; once it is restored, stopped, with its network locked,
+        say so and wait for the source's commit before letting it run."""
+
+        def before_resume() -> None:
+            try:
+                wire.send(sock, {"restored": True})
+                sock.settimeout(COMMIT_TIMEOUT)
+                try:
+                    message, _ = wire.recv(sock)
+                finally:
+                    sock.settimeout(None)
+            except (OSError, wire.WireError) as exc:
+                raise KamraError(f"the source went away before committing: {exc}") \
+                    from None
+            if message.get("op") != "resume":
+                raise KamraError(f"the source sent {message.get('op')!r}, not the commit")
+            committed.append(True)
+
+        return self.host.checkpoints.restore(name, before_resume=before_resume)
+
+    def _start_here(self, name: str, start: bool) -> dict:
+        """Restart mode: the files arrived; start the container if it ran there."""
         host = self.host
-        record = host.store.get(name)
-        if record is None:
-            raise NotFound(f"container {name!r} was not received")
-        if record.state == "checkpointed":
-            status = host.checkpoints.restore(name)
-        elif start:
-            status = host.start(name)
-        else:
-            status = host.status(name)
+        status = host.start(name) if start else host.status(name)
         host.network.announce(host.store.get(name))  # type: ignore[arg-type]
         return {"ok": True, "status": status}
 
@@ -369,6 +572,20 @@ class Migrations:
             self.host.destroy(name, force=True)
         except KamraError as exc:
             log.warning("dropping %s: %s", name, exc.message)
+
+
+class _IncomingPages:
+    """A page server receiving one live migration's memory (see ``_serve_pages``)."""
+
+    def __init__(self, directory: str, proc: subprocess.Popen[bytes]):
+        self.directory = directory
+        self.proc = proc
+
+    def discard(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class _NotDumpable(Exception):

@@ -27,6 +27,9 @@ class ContainerRecord:
     ephemeral: bool = False  # destroyed when its init exits (kamra run --rm)
     plan: str | None = None  # resource plan; the container's own overrides are in config
     config: dict = field(default_factory=dict)
+    # The remote a live migration committed to (state "migrating"): the container may
+    # run there; only asking that host settles it.
+    migrating_to: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -1,0 +1,94 @@
+"""Carry a local socket's bytes over an authenticated TLS connection, both ways.
+
+CRIU's page server protocol runs over a plain socket it is handed (``ps.fd`` on the
+dump side, ``--ps-socket`` on the page server). kamra gives each side one end of a
+Unix socketpair and relays the other end over the TLS connection between the two
+kamrads, so memory pages cross the network only encrypted and only to the host whose
+certificate was pinned: CRIU never listens on a port.
+
+One thread, one loop: an OpenSSL connection must not be read and written from two
+threads at once. The TLS socket is non-blocking (a readable TCP socket may carry only
+part of a TLS record); the local socket blocks, which is the back-pressure: while CRIU
+does not read, the relay does not read from the network either.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+from dataclasses import dataclass
+
+CHUNK = 1 << 20
+
+
+def _send_tls(sock: ssl.SSLSocket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except (ssl.SSLWantWriteError, BlockingIOError):
+            select.select([], [sock], [])
+        except ssl.SSLWantReadError:
+            select.select([sock], [], [])
+
+
+@dataclass
+class Relayed:
+    sent: int = 0  # bytes from the local side to the remote one
+    received: int = 0
+    cut: bool = False  # the remote side ended first: the local side's peer was cut off
+
+
+def relay(remote: ssl.SSLSocket, local: socket.socket) -> Relayed:
+    """Copy until the local socket ends; returns what went each way. The caller closes ``remote`` afterwards: a TLS connection cannot be
+    half-closed from Python, and the local side ending means its peer process is done
+    (it wrote its last answer first). The remote side ending is passed on as a shutdown
+    of writing; what the local side says after that has nowhere to go."""
+    remote.setblocking(False)
+    local.setblocking(True)
+    done = Relayed()
+    remote_open = True
+    try:
+        while True:
+            waiting = [local, remote] if remote_open else [local]
+            ready = waiting if remote_open and remote.pending() else \
+                select.select(waiting, [], [])[0]
+            if remote_open and remote in ready:
+                try:
+                    data = remote.recv(CHUNK)
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    data = None
+                except OSError:
+                    data = b""
+                if data == b"":
+                    remote_open = False
+                    done.cut = True
+                    _shutdown(local)
+                elif data:
+                    done.received += len(data)
+                    try:
+                        local.sendall(data)
+                    except OSError:
+                        pass  # the local peer is gone: its end shows up as EOF below
+            if local in ready:
+                data = local.recv(CHUNK)
+                if not data:
+                    return done
+                if remote_open:
+                    try:
+                        _send_tls(remote, data)
+                        done.sent += len(data)
+                    except OSError:
+                        remote_open = False
+                        done.cut = True
+                        _shutdown(local)
+    finally:
+        remote.setblocking(True)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
