@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import threading
@@ -38,7 +37,7 @@ from kamra.checkpoint.criu import Criu, log_errors
 from kamra.engine.checkpoint import DumpFailed, criu_binary
 from kamra.errors import AlreadyExists, Conflict, InvalidInput, KamraError
 from kamra.remote import tls, wire
-from kamra.remote.relay import Relayed, relay
+from kamra.remote.relay import Relayed, relay, socket_pair
 from kamra.remote.store import RemoteStore, parse_address
 from kamra.templates.model import Progress, emit
 
@@ -207,14 +206,20 @@ class Migrations:
             raise _NotDumpable(exc.message) from None
         outcome: dict[str, Any] = {}
 
+        marks: list[tuple[str, float]] = []
+
         def post_dump(images: str, meta: dict) -> None:
             # The tasks are frozen, the network locked, the pages on the target.
+            marks.append(("dump", time.perf_counter()))
             outcome["bytes"] = self._send_archive(trip, record, meta, images, pages=True)
+            marks.append(("send", time.perf_counter()))
             self._restore_there(trip, name)  # restored there, stopped: raises if not
+            marks.append(("restore", time.perf_counter()))
             self._commit(trip, record, outcome)  # never raises: the target owns it now
+            marks.append(("resume", time.perf_counter()))
 
         pages = self._open_pages(trip, name)
-        local, for_criu = socket.socketpair()
+        local, for_criu = socket_pair()
         relayed: list[Relayed] = []
         relaying = threading.Thread(target=lambda: relayed.append(relay(pages, local)),
                                     name="kamra-pages", daemon=True)
@@ -255,9 +260,14 @@ class Migrations:
                                 "'migrating' here")
         self._forget(record)
         pages_bytes = relayed[0].sent if relayed else 0
+        phases, last = {}, frozen
+        for phase, at in marks:
+            phases[phase] = round((at - last) * 1000, 1)
+            last = at
         return {"mode": "live", "bytes": outcome.get("bytes", 0) + pages_bytes,
                 "pages_bytes": pages_bytes,
-                "downtime_ms": round(downtime, 1), "status": reply.get("status") or {}}
+                "downtime_ms": round(downtime, 1), "phases_ms": phases,
+                "status": reply.get("status") or {}}
 
     def _open_pages(self, trip: _Trip, name: str) -> ssl.SSLSocket:
         """A second connection for CRIU's page stream: the target starts its page server
@@ -434,7 +444,7 @@ class Migrations:
             raise InvalidInput("bad migration id")
         directory = os.path.join(self.host.layout.run, f"incoming-pages-{trip}")
         os.makedirs(directory, 0o700)
-        local, for_criu = socket.socketpair()
+        local, for_criu = socket_pair()
         try:
             proc = Criu(criu_binary()).page_server(directory, for_criu.fileno())
         except BaseException:

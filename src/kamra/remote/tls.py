@@ -68,6 +68,9 @@ def connect(address: tuple[str, int], pinned: str | None,
     except OSError as exc:
         raise KamraError(f"cannot reach {address[0]}:{address[1]}: {exc.strerror or exc}") \
             from None
+    # Requests and answers are small and waited for: Nagle's delay would add up to tens
+    # of milliseconds to each while a container is frozen.
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock = context.wrap_socket(raw)
     except (OSError, ssl.SSLError) as exc:
