@@ -137,10 +137,13 @@ def test_live_migration_there_and_back_keeps_the_tcp_stream(hosts):
     a, b = hosts.cli_a, hosts.cli_b
     name, address, stream = streaming_container(a, hosts.client)
     try:
+        a.run("exec", name, "--", "sh", "-c", "echo moved > /root/note", check=True)
         stream.more()
         gap_before = stream.longest_gap_ms()
         there = a.json("migrate", name, "b")
         assert there["mode"] == "live" and there["reason"] is None, there
+        assert there["rounds"] and there["pages_bytes"] > 0, there
+        assert b.run("exec", name, "--", "cat", "/root/note", check=True).stdout == "moved\n"
         assert a.run("status", name).returncode != 0  # gone from A
         assert b.json("status", name)["state"] == "running"
         assert b.json("status", name)["addresses"] == [address]

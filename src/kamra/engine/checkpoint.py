@@ -413,8 +413,10 @@ class Checkpoints:
             self.host.network.announce(record)
         return {"ok": True}
 
-    def _import(self, name: str, path: str) -> None:
-        """Make container ``name`` from an exported checkpoint, in state checkpointed."""
+    def _import(self, name: str, path: str, base_upper: str | None = None) -> None:
+        """Make container ``name`` from an exported checkpoint, in state checkpointed.
+        ``base_upper``: the files copied in earlier rounds of a migration, which the
+        archive's upper/ (a delta, with ``upper_paths`` in the manifest) completes."""
         from kamra.checkpoint import archive
         from kamra.engine.host import raise_exists
         from kamra.names import check_name
@@ -452,6 +454,14 @@ class Checkpoints:
             for forward in manifest.get("forwards", []):
                 host.store.add_forward(Forward(**{**forward, "container": name}))
             archive.extract(path, container_dir)
+            if base_upper is not None:
+                # The archive's upper/ is the last delta: lay it over the earlier rounds.
+                upper = os.path.join(container_dir, "upper")
+                archive.merge(upper, base_upper)
+                shutil.rmtree(upper)
+                os.rename(base_upper, upper)
+            if "upper_paths" in manifest:
+                archive.prune(os.path.join(container_dir, "upper"), manifest["upper_paths"])
             quota = host.resources.limits(record).get("limits.disk")
             if quota:
                 storage.set_quota(container_dir, quota)  # type: ignore[arg-type]

@@ -50,6 +50,10 @@ log = logging.getLogger("kamra.migrate")
 MODES = ("auto", "live", "restart")
 MAX_ARCHIVE = 1 << 40
 OPERATION_TIMEOUT = 600.0  # seconds one request may take on the target
+MAX_ROUNDS = 3  # file copy rounds while the container runs
+ROUND_SMALL = 1 << 20  # a round this small leaves the rest to the final one...
+ROUND_QUICK = 0.5  # ...as does one this quick (seconds)
+CTIME_SLACK = 1.0  # seconds a round starts before its mark (coarse change times)
 COMMIT_TIMEOUT = 60.0  # seconds a restored target waits, stopped, for the source's commit
 
 
@@ -61,6 +65,8 @@ class _Trip:
     remote: str
     progress: Progress | None
     id: str = field(default_factory=lambda: os.urandom(8).hex())
+    since: float | None = None  # the start of the last file round the target has
+    rounds: list[dict] = field(default_factory=list)
 
 
 class RemoteRefused(KamraError):
@@ -160,20 +166,59 @@ class Migrations:
 
     def _send_archive(self, trip: _Trip, record: ContainerRecord, meta: dict | None,
                       images: str | None, pages: bool = False) -> int:
-        """Pack and send the container (its images, if any, and its files) as it is
-        packed: no file on the source."""
+        """Pack and send the container (its images, if any, and its files, or what
+        changed in them since the last round) as it is packed: no file on the source."""
         host = self.host
         sock = trip.sock
         upper = host.storage(record).upper_dir(host.layout.container_dir(record.name))
+        manifest = host.checkpoints._manifest(record, meta)
+        if trip.since is not None:
+            manifest["upper_paths"] = archive.upper_paths(upper)
         try:
             wire.send(sock, {"op": "send", "name": record.name,
-                             "pages": trip.id if pages else None})
+                             "pages": trip.id if pages else None,
+                             "files": trip.id if trip.since is not None else None})
             sender = wire.FileSender(sock, lambda n: emit(trip.progress, "send", n))
-            archive.stream(sender, host.checkpoints._manifest(record, meta), images, upper)
+            archive.stream(sender, manifest, images, upper, trip.since)
             sender.close()
             reply, _ = wire.recv(sock)
         except (OSError, wire.WireError) as exc:
             raise KamraError(f"sending {record.name!r} to the target failed: "
+                             f"{exc or type(exc).__name__}") from None
+        if "error" in reply:
+            raise RemoteRefused(str(reply["error"]))
+        return sender.sent
+
+    def _precopy(self, trip: _Trip, record: ContainerRecord) -> None:
+        """Copy the container's files while it runs, in rounds: everything, then what
+        changed during the previous round, until a round is small; the last changes go
+        with the final archive, once the container is frozen or stopped."""
+        upper = self.host.storage(record).upper_dir(
+            self.host.layout.container_dir(record.name))
+        for number in range(1, MAX_ROUNDS + 1):
+            # Change times are coarse (a clock tick): start the next round a bit early.
+            mark = time.time() - CTIME_SLACK
+            began = time.perf_counter()
+            sent = self._send_files(trip, upper, number)
+            trip.since = mark
+            took = time.perf_counter() - began
+            trip.rounds.append({"round": number, "bytes": sent,
+                                "ms": round(took * 1000, 1)})
+            if sent < ROUND_SMALL or took < ROUND_QUICK:
+                return
+
+    def _send_files(self, trip: _Trip, upper: str, number: int) -> int:
+        sock = trip.sock
+        emit(trip.progress, "files", message=f"round {number}")
+        try:
+            wire.send(sock, {"op": "files", "trip": trip.id, "round": number})
+            sender = wire.FileSender(sock, lambda n: emit(trip.progress, "files", n,
+                                                          message=f"round {number}"))
+            archive.stream_files(sender, upper, trip.since)
+            sender.close()
+            reply, _ = wire.recv(sock)
+        except (OSError, wire.WireError) as exc:
+            raise KamraError(f"copying the files to {trip.remote} failed: "
                              f"{exc or type(exc).__name__}") from None
         if "error" in reply:
             raise RemoteRefused(str(reply["error"]))
@@ -218,6 +263,7 @@ class Migrations:
             self._commit(trip, record, outcome)  # never raises: the target owns it now
             marks.append(("resume", time.perf_counter()))
 
+        self._precopy(trip, record)
         pages = self._open_pages(trip, name)
         local, for_criu = socket_pair()
         relayed: list[Relayed] = []
@@ -264,9 +310,11 @@ class Migrations:
         for phase, at in marks:
             phases[phase] = round((at - last) * 1000, 1)
             last = at
-        return {"mode": "live", "bytes": outcome.get("bytes", 0) + pages_bytes,
+        files_bytes = sum(r["bytes"] for r in trip.rounds)
+        return {"mode": "live", "bytes": outcome.get("bytes", 0) + pages_bytes + files_bytes,
                 "pages_bytes": pages_bytes,
                 "downtime_ms": round(downtime, 1), "phases_ms": phases,
+                "rounds": trip.rounds,
                 "status": reply.get("status") or {}}
 
     def _open_pages(self, trip: _Trip, name: str) -> ssl.SSLSocket:
@@ -305,6 +353,8 @@ class Migrations:
     def _restart(self, record: ContainerRecord, trip: _Trip) -> dict:
         host = self.host
         was_running = record.state == "running"
+        if was_running:
+            self._precopy(trip, record)
         stopped_at = time.perf_counter()
         if was_running:
             emit(trip.progress, "stop", message=record.name)
@@ -318,8 +368,8 @@ class Migrations:
         status = self._resume(record, trip, start=was_running)
         downtime = (time.perf_counter() - stopped_at) * 1000
         self._forget(record)
-        return {"mode": "restart", "bytes": sent, "downtime_ms": round(downtime, 1),
-                "status": status}
+        return {"mode": "restart", "bytes": sent + sum(r["bytes"] for r in trip.rounds),
+                "downtime_ms": round(downtime, 1), "rounds": trip.rounds, "status": status}
 
     def _resume(self, record: ContainerRecord, trip: _Trip, start: bool = True) -> dict:
         """Restart mode: the target starts what it received."""
@@ -401,9 +451,13 @@ class Migrations:
                         self._receive_template(sock, str(message["name"]),
                                                str(message["digest"]))
                         wire.send(sock, {"ok": True})
+                    elif op == "files":
+                        trip = str(message["trip"])
+                        self._receive_files(sock, trip)
+                        wire.send(sock, {"ok": True})
                     elif op == "send":
                         imported = self._receive(sock, str(message["name"]),
-                                                 message.get("pages"))
+                                                 message.get("pages"), message.get("files"))
                         wire.send(sock, {"ok": True})
                     elif op == "restore":
                         name = str(message["name"])
@@ -429,6 +483,7 @@ class Migrations:
         finally:
             if trip is not None:
                 self._discard_pages(str(trip))
+                shutil.rmtree(self._files_dir(str(trip)), ignore_errors=True)
             if imported is not None:
                 log.warning("%s went away before resuming %s: dropping what it sent",
                             peer, imported)
@@ -529,13 +584,49 @@ class Migrations:
             self.host.templates.remove(name, [])
             raise Conflict(f"template {name!r} arrived as {info.digest}, not {digest}")
 
-    def _receive(self, sock: ssl.SSLSocket, name: str, pages: str | None) -> str:
+    def _files_dir(self, trip: str) -> str:
+        if not trip.isalnum() or len(trip) > 32:
+            raise InvalidInput("bad migration id")
+        return os.path.join(self.host.layout.run, f"incoming-files-{trip}")
+
+    def _receive_files(self, sock: ssl.SSLSocket, trip: str) -> None:
+        """A round of files: checked like an archive, unpacked on its own, then laid
+        over the earlier rounds."""
+        directory = self._files_dir(trip)
+        os.makedirs(directory, 0o700, exist_ok=True)
+        path = f"{directory}.tar.zst"
+        unpacked = f"{directory}.round"
+        try:
+            with open(path, "wb") as f:
+                wire.recv_file(sock, f, MAX_ARCHIVE)
+            archive.read(path, manifest_needed=False)
+            os.makedirs(unpacked, 0o700)
+            archive.extract(path, unpacked)
+            if os.path.isdir(os.path.join(directory, "upper")):
+                archive.merge(os.path.join(unpacked, "upper"),
+                              os.path.join(directory, "upper"))
+            else:
+                os.rename(os.path.join(unpacked, "upper"), os.path.join(directory, "upper"))
+        finally:
+            shutil.rmtree(unpacked, ignore_errors=True)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def _receive(self, sock: ssl.SSLSocket, name: str, pages: str | None,
+                 files: str | None = None) -> str:
         path = os.path.join(self.host.layout.run, f"incoming-{name}-{os.urandom(3).hex()}")
         try:
             with open(path, "wb") as f:
                 wire.recv_file(sock, f, MAX_ARCHIVE)
             with self.host._lock(name):
-                self.host.checkpoints._import(name, path)
+                base = None
+                if files:
+                    base = os.path.join(self._files_dir(str(files)), "upper")
+                    if not os.path.isdir(base):
+                        raise Conflict(f"the earlier file rounds of {name!r} are missing")
+                self.host.checkpoints._import(name, path, base)
                 if pages:
                     try:
                         self._attach_pages(name, str(pages))
