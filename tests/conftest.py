@@ -284,14 +284,19 @@ def host(root, busybox_cache):
 class Cli:
     """Runs the real kamra command line against a private root."""
 
-    def __init__(self, root: str, netns: int | None = None):
+    def __init__(self, root: str, netns: int | None = None, mntns: int | None = None):
         self.root = root
         self.env = dict(os.environ, KAMRA_ROOT=root, PYTHONPATH=SRC)
-        self.netns = netns  # run (and so autostart kamrad) in this network namespace
+        # Run (and so autostart kamrad) in these network and mount namespaces.
+        self.netns = netns
+        self.mntns = mntns
+        self.fds = tuple(fd for fd in (netns, mntns) if fd is not None)
 
     def _enter(self) -> None:
         if self.netns is not None:
             libc.setns(self.netns, libc.CLONE_NEWNET)
+        if self.mntns is not None:
+            libc.setns(self.mntns, libc.CLONE_NEWNS)
 
     def run(self, *args: str, input: str | bytes | None = None, timeout: float = 60,
             check: bool = False) -> subprocess.CompletedProcess:
@@ -300,8 +305,8 @@ class Cli:
         result = subprocess.run([sys.executable, "-m", "kamra.cli.main", *args],
                                 input="" if input is None else input, capture_output=True,
                                 text=text, env=self.env, timeout=timeout,
-                                preexec_fn=self._enter if self.netns is not None else None,
-                                pass_fds=() if self.netns is None else (self.netns,))
+                                preexec_fn=self._enter if self.fds else None,
+                                pass_fds=self.fds)
         if check and result.returncode != 0:
             raise AssertionError(f"kamra {' '.join(args)} failed ({result.returncode}): "
                                  f"{result.stderr}")

@@ -1,6 +1,7 @@
 """Two kamra hosts on one machine: remotes over TLS with tokens, and migrations between them.
 
-Each host is a kamrad with its own data root in its own network namespace; they share
+Each host is a kamrad with its own data root in its own network namespace and its own
+mount namespace, where the other host's root is hidden under an empty tmpfs; they share
 nothing but a bridge ("the LAN") with a third namespace, the client. Every byte that
 moves between the hosts crosses TCP. Containers are routed with the uplink on the LAN
 (proxy ARP), without NAT, so the client reaches a container's own address on whichever
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -48,8 +50,25 @@ class Hosts:
             install_template(root, busybox_cache)
             with open(os.path.join(root, "network.toml"), "w") as f:
                 f.write('[network]\nuplink = "up0"\n')
-        self.cli_a = Cli(self.roots[0], netns=self.a)
-        self.cli_b = Cli(self.roots[1], netns=self.b)
+        self.mnt_a = self._mount_ns(hide=self.roots[1])
+        self.mnt_b = self._mount_ns(hide=self.roots[0])
+        self.cli_a = Cli(self.roots[0], netns=self.a, mntns=self.mnt_a)
+        self.cli_b = Cli(self.roots[1], netns=self.b, mntns=self.mnt_b)
+
+    def _mount_ns(self, hide: str) -> int:
+        """A mount namespace (private propagation) where ``hide`` is an empty tmpfs."""
+        holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f"mount -t tmpfs -o size=1m kamra-hidden {hide} && echo ready && exec sleep 600"],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+            fd = os.open(f"/proc/{holder.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            holder.kill()
+            holder.wait()
+        self.fds.append(fd)
+        return fd
 
     def _ns(self) -> int:
         fd = netns.new_netns()
@@ -130,6 +149,13 @@ def test_remotes_pin_certificates_and_need_tokens(hosts):
     assert a.json("status", name)["state"] == "stopped"
     a.run("remote", "remove", "b", check=True)
     assert a.json("remote", "list")["remotes"] == []
+    # Each kamrad sees its own root and an empty directory where the other's lies.
+    for root, other in (hosts.roots, hosts.roots[::-1]):
+        with open(Layout.at(root).daemon_pid) as f:
+            pid = int(f.read().split()[0])
+        assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        assert os.listdir(f"/proc/{pid}/root{other}") == []
+        assert "templates" in os.listdir(f"/proc/{pid}/root{root}")
 
 
 def test_live_migration_there_and_back_keeps_the_tcp_stream(hosts):
