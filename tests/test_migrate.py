@@ -369,6 +369,8 @@ def test_a_lost_answer_after_the_commit_leaves_it_migrating_until_settled(hosts)
         assert lost.returncode != 0 and "migrating" in lost.stderr, lost.stderr
         assert len(lost.stderr.strip().splitlines()) == 1, lost.stderr
         assert a.json("status", name)["state"] == "migrating"
+        assert a.json("status", name)["migrating_to"] == "b"
+        assert "settles it" in a.run("status", name, check=True).stdout
         assert not os.path.exists(f"/proc/{pid}")
         refused = a.run("start", name)
         assert refused.returncode != 0 and "migrating" in refused.stderr

@@ -639,6 +639,7 @@ class Host:
             "console": record.console, "storage": record.storage,
             "init": record.init or None, "plan": record.plan,
             "addresses": [a for a, holder in addresses.items() if holder == record.name],
+            "migrating_to": record.migrating_to if record.state == "migrating" else None,
         }
 
     def status(self, name: str) -> dict:
