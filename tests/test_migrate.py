@@ -236,6 +236,9 @@ class FakeTarget(threading.Thread):
     """A "target" on host B's address that speaks the protocol, with a real CRIU page
     server behind the page stream, and hangs up at a chosen point (``cut``):
 
+      hello    on the first message (the token)
+      check    on the first request
+      files    at the first round of files (the container still runs)
       pages    right after accepting the page stream (CRIU's dump loses its server)
       chunk    after the first chunk of the container's archive
       restore  when asked to restore (the source's tasks are still frozen)
@@ -317,7 +320,7 @@ class FakeTarget(threading.Thread):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.mark.parametrize("cut", ["pages", "chunk", "restore"])
+@pytest.mark.parametrize("cut", ["hello", "check", "files", "pages", "chunk", "restore"])
 def test_a_cut_before_the_commit_resumes_the_container_here(hosts, cut):
     """The target goes away before the source committed (its tasks frozen): CRIU
     resumes them on the source, which says what happened in one line, and the client's
@@ -327,7 +330,9 @@ def test_a_cut_before_the_commit_resumes_the_container_here(hosts, cut):
     fake = FakeTarget(hosts, cut)
     try:
         a = hosts.cli_a
+        fake.cut = "never"  # adding the remote says hello
         a.run("remote", "add", "b", B_ADDR, "--token", "any", check=True)  # fake accepts
+        fake.cut = cut
         pinned = a.json("remote", "list")["remotes"][0]["fingerprint"]
         assert pinned == tls.fingerprint_of_file(os.path.join(fake.dir, "server.crt"))
         name, _, stream = streaming_container(a, hosts.client)
