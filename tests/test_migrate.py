@@ -170,6 +170,11 @@ def test_live_migration_there_and_back_keeps_the_tcp_stream(hosts):
         assert there["mode"] == "live" and there["reason"] is None, there
         assert there["rounds"] and there["pages_bytes"] > 0, there
         assert b.run("exec", name, "--", "cat", "/root/note", check=True).stdout == "moved\n"
+        # A confirmed the end, so B stops showing where it came from.
+        deadline = time.monotonic() + 10
+        while b.json("status", name)["migrating_from"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert b.json("status", name)["migrating_from"] is None
         assert a.run("status", name).returncode != 0  # gone from A
         assert b.json("status", name)["state"] == "running"
         assert b.json("status", name)["addresses"] == [address]

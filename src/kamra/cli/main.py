@@ -729,6 +729,9 @@ def cmd_status(client: Client, a: argparse.Namespace) -> int:
             ("console", "yes" if data["console"] else "no (stdio of the client)")]
     if last:
         rows.append(("last exit", f"{last.get('reason')} (code {last.get('code')})"))
+    if data.get("migrating_from"):
+        rows.append(("migrating", f"from {data['migrating_from']}, which has not confirmed "
+                                  "it heard the end yet"))
     if data.get("migrating_to"):
         rows.append(("migrating", f"to {data['migrating_to']}: 'kamra migrate {a.name} "
                                   f"{data['migrating_to']}' settles it"))

@@ -640,6 +640,7 @@ class Host:
             "init": record.init or None, "plan": record.plan,
             "addresses": [a for a, holder in addresses.items() if holder == record.name],
             "migrating_to": record.migrating_to if record.state == "migrating" else None,
+            "migrating_from": record.migrating_from,
         }
 
     def status(self, name: str) -> dict:

@@ -304,6 +304,7 @@ class Migrations:
                                 f"over: {reply['error']}; its checkpoint is kept there "
                                 f"('kamra restore {name}' on {trip.remote}), it stays "
                                 "'migrating' here")
+        self._confirm(trip, name)
         self._forget(record)
         pages_bytes = relayed[0].sent if relayed else 0
         phases, last = {}, frozen
@@ -367,6 +368,7 @@ class Migrations:
             raise
         status = self._resume(record, trip, start=was_running)
         downtime = (time.perf_counter() - stopped_at) * 1000
+        self._confirm(trip, record.name)
         self._forget(record)
         return {"mode": "restart", "bytes": sent + sum(r["bytes"] for r in trip.rounds),
                 "downtime_ms": round(downtime, 1), "rounds": trip.rounds, "status": status}
@@ -421,6 +423,13 @@ class Migrations:
                 "reason": None, "bytes": 0, "downtime_ms": 0,
                 "total_ms": round((time.perf_counter() - began) * 1000, 1)}
 
+    def _confirm(self, trip: _Trip, name: str) -> None:
+        """Tell the target its answer arrived (it stops showing the migration)."""
+        try:
+            wire.send(trip.sock, {"op": "done", "name": name})
+        except (OSError, wire.WireError) as exc:
+            log.warning("telling %s that %s arrived: %s", trip.remote, name, exc)
+
     def _forget(self, record: ContainerRecord) -> None:
         """The target runs it: remove the source's copy (files, checkpoint, addresses)."""
         self.host._destroy_locked(record)
@@ -441,9 +450,12 @@ class Migrations:
                     if op == "pages":
                         self._serve_pages(sock, str(message["name"]), str(message["trip"]))
                         return
-                    if op == "has":
-                        found = self.host.store.get(str(message["name"]))
+                    if op == "has":  # a source settling a migration it did not hear end
+                        found = self._confirmed(str(message["name"]))
                         wire.send(sock, {"state": found.state if found else None})
+                    elif op == "done":  # the source heard the answer and forgets its copy
+                        self._confirmed(str(message["name"]))
+                        return
                     elif op == "check":
                         trip = message.get("trip")
                         wire.send(sock, self._check(message["name"], message["manifest"]))
@@ -469,13 +481,16 @@ class Migrations:
                         finally:
                             if committed:  # from the commit on the container is ours
                                 imported = None
+                        self._unconfirmed(name, peer)
                         wire.send(sock, {"ok": True, "status": status})
                     elif op == "resume":
                         name = str(message["name"])
                         if name != imported:
                             raise Conflict(f"nothing of {name!r} was received")
                         imported = None  # from here on the container is ours
-                        wire.send(sock, self._start_here(name, bool(message.get("start"))))
+                        answer = self._start_here(name, bool(message.get("start")))
+                        self._unconfirmed(name, peer)
+                        wire.send(sock, answer)
                     else:
                         wire.send(sock, {"error": f"unknown request {op!r}"})
                 except KamraError as exc:
@@ -488,6 +503,22 @@ class Migrations:
                 log.warning("%s went away before resuming %s: dropping what it sent",
                             peer, imported)
                 self._drop(imported)
+
+    def _unconfirmed(self, name: str, peer: str) -> None:
+        """Until the source says it heard the answer, both hosts show the migration."""
+        with self.host._lock(name):
+            record = self.host.store.get(name)
+            if record is not None:
+                record.migrating_from = peer.rsplit(":", 1)[0]
+                self.host.store.update(record)
+
+    def _confirmed(self, name: str) -> ContainerRecord | None:
+        with self.host._lock(name):
+            record = self.host.store.get(name)
+            if record is not None and record.migrating_from:
+                record.migrating_from = None
+                self.host.store.update(record)
+            return record
 
     def _serve_pages(self, sock: ssl.SSLSocket, name: str, trip: str) -> None:
         """A CRIU page server whose socket is relayed over this connection: the pages

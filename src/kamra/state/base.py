@@ -30,6 +30,8 @@ class ContainerRecord:
     # The remote a live migration committed to (state "migrating"): the container may
     # run there; only asking that host settles it.
     migrating_to: str | None = None
+    # On the target: the source host's address, until it confirms it heard the answer.
+    migrating_from: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
