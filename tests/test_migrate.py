@@ -361,11 +361,12 @@ def test_a_cut_before_the_commit_resumes_the_container_here(hosts, cut):
         fake.close()
 
 
-def test_a_lost_answer_after_the_commit_leaves_it_migrating_until_settled(hosts):
+@pytest.mark.parametrize("settle", ["ask", "restart"])
+def test_a_lost_answer_after_the_commit_leaves_it_migrating_until_settled(hosts, settle):
     """The target hangs up after reading the commit: the source's tasks are gone (the
-    target owns the container), the source shows it ``migrating`` and says so; asking
-    again settles it with whatever the target says (this fake has nothing: the container
-    comes back stopped here, its files intact)."""
+    target owns the container), the source shows it ``migrating`` and says so. Asking
+    again, or kamrad on its own when it starts, settles it with whatever the target says
+    (this fake has nothing: the container comes back stopped here, its files intact)."""
     fake = FakeTarget(hosts, "resume")
     try:
         a = hosts.cli_a
@@ -384,9 +385,16 @@ def test_a_lost_answer_after_the_commit_leaves_it_migrating_until_settled(hosts)
         assert not os.path.exists(f"/proc/{pid}")
         refused = a.run("start", name)
         assert refused.returncode != 0 and "migrating" in refused.stderr
-        settled = a.run("migrate", name, "b")
-        assert settled.returncode == 0, settled.stderr
-        assert "stopped here" in settled.stdout, settled.stdout
+        if settle == "ask":
+            settled = a.run("migrate", name, "b")
+            assert settled.returncode == 0, settled.stderr
+            assert "stopped here" in settled.stdout, settled.stdout
+        else:
+            a.run("daemon", "stop", check=True)
+            deadline = time.monotonic() + 20
+            while a.json("status", name)["state"] == "migrating" and \
+                    time.monotonic() < deadline:
+                time.sleep(0.2)
         assert a.json("status", name)["state"] == "stopped"
         a.run("start", name, check=True)
         assert a.run("exec", name, "--", "cat", "/root/file", check=True).stdout == "kept\n"

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.error("%s", exc.message)
     server = UnixHTTPServer(layout.daemon_socket, host)
     write_pid_file(layout.daemon_pid)
+    # Migrations whose end this host did not hear: ask their targets.
+    threading.Thread(target=host.migrations.settle_pending,
+                     args=(server.shutdown_requested,), name="kamra-settle",
+                     daemon=True).start()
 
     def stop(*_: object) -> None:
         server.shutdown_requested.set()

@@ -430,6 +430,28 @@ class Migrations:
         except (OSError, wire.WireError) as exc:
             log.warning("telling %s that %s arrived: %s", trip.remote, name, exc)
 
+    def settle_pending(self, stop: threading.Event, every: float = 30.0) -> None:
+        """kamrad's background task: settle migrations whose end was not heard, asking
+        their remotes until each has answered (a remote may be down for a while)."""
+        while not stop.is_set():
+            pending = [r for r in self.host.store.list()
+                       if r.state == "migrating" and r.migrating_to]
+            if not pending:
+                return
+            for record in pending:
+                try:
+                    with self.host._lock(record.name):
+                        current = self.host.store.get(record.name)
+                        if current is None or current.state != "migrating":
+                            continue
+                        done = self._settle(current, str(current.migrating_to),
+                                            time.perf_counter())
+                    log.info("settled %s: %s", record.name, done["settled"])
+                except (KamraError, OSError, wire.WireError) as exc:
+                    log.warning("cannot settle the migration of %s yet: %s", record.name,
+                                getattr(exc, "message", exc))
+            stop.wait(every)
+
     def _forget(self, record: ContainerRecord) -> None:
         """The target runs it: remove the source's copy (files, checkpoint, addresses)."""
         self.host._destroy_locked(record)
