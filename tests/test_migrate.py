@@ -228,6 +228,13 @@ def test_a_refusing_target_leaves_it_running_and_a_missing_template_is_sent(host
     assert refused.returncode != 0 and "exists" in refused.stderr
     assert a.json("status", name)["init_pid"] == pid
     b.run("destroy", name, check=True)
+    # Limits B cannot give (more RAM than it has) are refused before anything moves.
+    greedy = unique()
+    a.run("create", greedy, "--template", "busybox", "-c", "limits.memory=64T", check=True)
+    too_big = a.run("migrate", greedy, "b")
+    assert too_big.returncode != 0 and "cannot give limits.memory" in too_big.stderr, \
+        too_big.stderr
+    assert a.json("status", greedy)["state"] == "stopped" and b.json("list") == []
     # B lacks the template: it is sent along, and B verifies its digest.
     digest = a.json("template", "show", "busybox")["digest"]
     b.run("template", "remove", "busybox", check=True)

@@ -620,7 +620,40 @@ class Migrations:
                 raise Conflict(f"address {address} is held here by {held[address]!r}")
         if saved.get("plan"):
             host.resources.plans.get(saved["plan"])
+        self._check_satisfiable(saved)
         return {"ok": True, "need_template": need_template}
+
+    def _check_satisfiable(self, saved: dict) -> None:
+        """The container's limits (its plan here and its own overrides) must be ones
+        this host can give: CPUs it has, memory and disk it holds."""
+        from kamra.config.hostinfo import HostInfo
+        from kamra.config.keys import format_value, get_key
+        from kamra.config.units import BadValue
+        from kamra.state import ContainerRecord
+
+        record = ContainerRecord.from_json({**saved, "state": "stopped"})
+        values = {key: value for key, (value, _) in
+                  self.host.resources.effective(record).items() if value is not None}
+        info = HostInfo.current()
+        for key, value in values.items():
+            check = get_key(key).host_check
+            try:
+                if check is not None:
+                    check(value, info)
+            except BadValue as exc:
+                raise Conflict(f"this host cannot give {key}={format_value(key, value)}: "
+                               f"{exc.problem}") from None
+        memory, total = values.get("limits.memory"), _mem_total()
+        if isinstance(memory, int) and total and memory > total:
+            raise Conflict(f"this host cannot give limits.memory="
+                           f"{format_value('limits.memory', memory)}: it has "
+                           f"{format_value('limits.memory', total)} of RAM")
+        disk = values.get("limits.disk")
+        free = shutil.disk_usage(self.host.layout.containers).free
+        if isinstance(disk, int) and disk > free:
+            raise Conflict(f"this host cannot give limits.disk="
+                           f"{format_value('limits.disk', disk)}: "
+                           f"{format_value('limits.disk', free)} free")
 
     def _receive_template(self, sock: ssl.SSLSocket, name: str, digest: str) -> None:
         path = os.path.join(self.host.layout.run, f"incoming-template-{os.urandom(3).hex()}")
@@ -726,6 +759,14 @@ class Migrations:
             self.host.destroy(name, force=True)
         except KamraError as exc:
             log.warning("dropping %s: %s", name, exc.message)
+
+
+def _mem_total() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class _IncomingPages:
