@@ -29,6 +29,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -169,24 +170,32 @@ class Migrations:
         """Pack and send the container (its images, if any, and its files, or what
         changed in them since the last round) as it is packed: no file on the source."""
         host = self.host
-        sock = trip.sock
         upper = host.storage(record).upper_dir(host.layout.container_dir(record.name))
         manifest = host.checkpoints._manifest(record, meta)
         if trip.since is not None:
             manifest["upper_paths"] = archive.upper_paths(upper)
+        return self._upload(
+            trip, {"op": "send", "name": record.name, "pages": trip.id if pages else None,
+                   "files": trip.id if trip.since is not None else None},
+            lambda out: archive.stream(out, manifest, images, upper, trip.since),
+            "send", None, f"sending {record.name!r} to the target failed", "")
+
+    def _upload(self, trip: _Trip, request: dict, write: Callable[[wire.FileSender], None],
+                phase: str, label: str | None, failed: str, refused: str) -> int:
+        """Send ``request``, then what ``write`` writes as a file; the target must answer
+        ok. Returns the bytes sent."""
+        sock = trip.sock
         try:
-            wire.send(sock, {"op": "send", "name": record.name,
-                             "pages": trip.id if pages else None,
-                             "files": trip.id if trip.since is not None else None})
-            sender = wire.FileSender(sock, lambda n: emit(trip.progress, "send", n))
-            archive.stream(sender, manifest, images, upper, trip.since)
+            wire.send(sock, request)
+            sender = wire.FileSender(sock, lambda n: emit(trip.progress, phase, n,
+                                                          message=label))
+            write(sender)
             sender.close()
             reply, _ = wire.recv(sock)
         except (OSError, wire.WireError) as exc:
-            raise KamraError(f"sending {record.name!r} to the target failed: "
-                             f"{exc or type(exc).__name__}") from None
+            raise KamraError(f"{failed}: {exc or type(exc).__name__}") from None
         if "error" in reply:
-            raise RemoteRefused(str(reply["error"]))
+            raise RemoteRefused(refused + str(reply["error"]))
         return sender.sent
 
     def _precopy(self, trip: _Trip, record: ContainerRecord) -> None:
@@ -208,39 +217,22 @@ class Migrations:
                 return
 
     def _send_files(self, trip: _Trip, upper: str, number: int) -> int:
-        sock = trip.sock
         emit(trip.progress, "files", message=f"round {number}")
-        try:
-            wire.send(sock, {"op": "files", "trip": trip.id, "round": number})
-            sender = wire.FileSender(sock, lambda n: emit(trip.progress, "files", n,
-                                                          message=f"round {number}"))
-            archive.stream_files(sender, upper, trip.since)
-            sender.close()
-            reply, _ = wire.recv(sock)
-        except (OSError, wire.WireError) as exc:
-            raise KamraError(f"copying the files to {trip.remote} failed: "
-                             f"{exc or type(exc).__name__}") from None
-        if "error" in reply:
-            raise RemoteRefused(str(reply["error"]))
-        return sender.sent
+        since = trip.since
+        return self._upload(trip, {"op": "files", "trip": trip.id, "round": number},
+                            lambda out: archive.stream_files(out, upper, since),
+                            "files", f"round {number}",
+                            f"copying the files to {trip.remote} failed", "")
 
     def _send_template(self, trip: _Trip, name: str) -> None:
         """The target lacks the template: send it (it verifies the digest)."""
         from kamra.templates.archive import stream_template
 
         info = self.host.templates.get(name)
-        sock = trip.sock
-        try:
-            wire.send(sock, {"op": "template", "name": name, "digest": info.digest})
-            sender = wire.FileSender(sock, lambda n: emit(trip.progress, "template", n,
-                                                          message=name))
-            stream_template(info, sender)
-            sender.close()
-            reply, _ = wire.recv(sock)
-        except (OSError, wire.WireError) as exc:
-            raise KamraError(f"sending template {name!r} failed: {exc}") from None
-        if "error" in reply:
-            raise RemoteRefused(f"the target refused template {name!r}: {reply['error']}")
+        self._upload(trip, {"op": "template", "name": name, "digest": info.digest},
+                     lambda out: stream_template(info, out), "template", name,
+                     f"sending template {name!r} failed",
+                     f"the target refused template {name!r}: ")
 
     def _live(self, record: ContainerRecord, trip: _Trip) -> dict:
         host = self.host
