@@ -219,7 +219,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only in (None, "migrate"):
         mg = cmd("migrate", "move a container to another kamra host (see 'kamra remote'): "
                             "live with its processes and TCP connections when CRIU can, else "
-                            "stopped here and started there")
+                            "stopped here and started there; for a container left "
+                            "'migrating' (the end was not heard), ask REMOTE and settle it")
         mg.add_argument("name")
         mg.add_argument("remote")
         mg.add_argument("--mode", choices=("auto", "live", "restart"), default="auto",
@@ -313,7 +314,7 @@ def _json(data: object) -> None:
 
 
 # Progress phases whose counts are bytes (the others count packages or steps).
-BYTE_PHASES = ("export", "verify", "untar", "digest", "send", "template")
+BYTE_PHASES = ("export", "verify", "untar", "digest", "send", "template", "files", "pages")
 
 
 def _progress_printer():
@@ -661,8 +662,14 @@ def cmd_migrate(client: Client, a: argparse.Namespace) -> int:
         return 0
     if data.get("reason"):
         print(f"live migration not possible ({data['reason']}): used restart mode")
+    detail = []
+    if data.get("pages_bytes"):
+        detail.append(f"{data['pages_bytes'] / 1e6:.1f} MB of memory")
+    if data.get("rounds"):
+        detail.append(f"{len(data['rounds'])} file round(s) while running")
     print(f"migrated {a.name} to {a.remote} ({data['mode']}): {data['bytes'] / 1e6:.1f} MB "
-          f"sent, downtime {data['downtime_ms']:.0f} ms, total {data['total_ms']:.0f} ms")
+          f"sent{' (' + ', '.join(detail) + ')' if detail else ''}, downtime "
+          f"{data['downtime_ms']:.0f} ms, total {data['total_ms']:.0f} ms")
     return 0
 
 

@@ -355,12 +355,15 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
 
+        writing = threading.Lock()  # a migration reports from its page relay thread too
+
         def emit(event: dict) -> None:
-            try:
-                self.wfile.write((json.dumps({"progress": event}) + "\n").encode())
-                self.wfile.flush()
-            except OSError:
-                pass
+            with writing:
+                try:
+                    self.wfile.write((json.dumps({"progress": event}) + "\n").encode())
+                    self.wfile.flush()
+                except OSError:
+                    pass
 
         try:
             result = work(emit)
@@ -371,7 +374,8 @@ class Handler(BaseHTTPRequestHandler):
             log.error("internal error: %s", traceback.format_exc())
             line = {"error": KamraError(f"internal error: {exc}").to_json()}
         try:
-            self.wfile.write((json.dumps(line) + "\n").encode())
+            with writing:
+                self.wfile.write((json.dumps(line) + "\n").encode())
         except OSError:
             pass
 

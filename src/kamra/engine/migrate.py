@@ -1,23 +1,29 @@
 """Moving a container to another kamra host: ``kamra migrate NAME REMOTE``.
 
-One authenticated TLS connection (kamra.remote) carries everything. The source drives:
+Authenticated TLS connections (kamra.remote) carry everything; the source drives:
 
   check    the target: name free, same template (digest), addresses free, plan known
-  send     live: CRIU dumps the container and, while its tasks are still frozen
-           (post-dump), the images and its files go over as one archive; the target
-           imports them (checkpointed, not running). restart: the container is stopped
-           and its files go over.
-  resume   the target restores (live) or starts (restart) it, wires its address (routed
-           with an uplink: host route, proxy ARP and a gratuitous ARP so neighbours
-           update at once) and answers; the source then removes its copy.
+           and its limits ones the target can give; a missing template is sent
+  files    while the container runs, rounds of its upper directory: all, then what
+           changed during the previous round, until a round is small
+  pages    (live) a second connection: the target starts ``criu page-server`` behind
+           it, and the source's CRIU dump streams the memory pages into it
+  send     with the tasks frozen (CRIU's post-dump) or the container stopped (restart
+           mode): the other images and the last file delta, as one archive; the target
+           imports it and puts the pages beside the images
+  restore  (live) the target restores the processes and stops at CRIU's post-restore:
+           all in place, nothing running, the network locked; it answers "restored"
+  resume   the commit: the source records ``migrating`` durably, then says ``resume``;
+           the target announces the address (host route, proxy ARP, gratuitous ARP),
+           lets CRIU unlock the network and resume the tasks, and answers; the source's
+           frozen tasks are killed (post-dump returns) and its copy removed; ``done``
+           tells the target the answer arrived. Restart mode starts it instead.
 
-Exactly one host runs the container. Until the source's tasks are gone (CRIU kills them
-when post-dump returns) any failure resumes them on the source, and the target drops
-what it imported when the connection closes before ``resume``. After that point the
-source keeps a complete checkpoint until the target answers ``resume``: if the
-connection breaks before ``resume`` reached the target, the container stays
-checkpointed on the source ('kamra restore' resumes it there); if only the answer was
-lost, the source marks it ``migrating`` and says so, since it may run on the target.
+Exactly one host runs the container. Before the commit any failure makes the source's
+CRIU resume its frozen tasks (a post-dump that raises), the target's CRIU kill what it
+restored (a post-restore that fails), and the target drop what it received when the
+connection closes. After the commit the source never resumes: a lost answer leaves it
+``migrating`` until it asks the remote (``kamra migrate`` again, or kamrad at start).
 """
 
 from __future__ import annotations
@@ -259,8 +265,16 @@ class Migrations:
         pages = self._open_pages(trip, name)
         local, for_criu = socket_pair()
         relayed: list[Relayed] = []
-        relaying = threading.Thread(target=lambda: relayed.append(relay(pages, local)),
-                                    name="kamra-pages", daemon=True)
+        reported = [0]
+
+        def on_pages(sent: int) -> None:  # every few MB: the tasks are frozen meanwhile
+            if sent - reported[0] >= 4 << 20:
+                reported[0] = sent
+                emit(trip.progress, "pages", sent, message=name)
+
+        relaying = threading.Thread(
+            target=lambda: relayed.append(relay(pages, local, on_pages)),
+            name="kamra-pages", daemon=True)
         relaying.start()
         frozen = time.perf_counter()
         emit(trip.progress, "dump", message=name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CHUNK = 1 << 20
@@ -51,7 +52,8 @@ class Relayed:
     cut: bool = False  # the remote side ended first: the local side's peer was cut off
 
 
-def relay(remote: ssl.SSLSocket, local: socket.socket) -> Relayed:
+def relay(remote: ssl.SSLSocket, local: socket.socket,
+          on_sent: Callable[[int], None] | None = None) -> Relayed:
     """Copy until the local socket ends; returns what went each way. The caller closes ``remote`` afterwards: a TLS connection cannot be
     half-closed from Python, and the local side ending means its peer process is done
     (it wrote its last answer first). The remote side ending is passed on as a shutdown
@@ -90,6 +92,8 @@ def relay(remote: ssl.SSLSocket, local: socket.socket) -> Relayed:
                     try:
                         _send_tls(remote, data)
                         done.sent += len(data)
+                        if on_sent is not None:
+                            on_sent(done.sent)
                     except OSError:
                         remote_open = False
                         done.cut = True
