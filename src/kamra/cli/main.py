@@ -219,8 +219,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only in (None, "migrate"):
         mg = cmd("migrate", "move a container to another kamra host (see 'kamra remote'): "
                             "live with its processes and TCP connections when CRIU can, else "
-                            "stopped here and started there; for a container left "
-                            "'migrating' (the end was not heard), ask REMOTE and settle it")
+                            "stopped here and started there; settles one left 'migrating'")
         mg.add_argument("name")
         mg.add_argument("remote")
         mg.add_argument("--mode", choices=("auto", "live", "restart"), default="auto",
