@@ -107,3 +107,15 @@ def test_a_delta_holds_only_what_changed(dirs):
         archive.stream_files(delta, upper, since)
         assert full.tell() > 4 << 20
         assert delta.tell() < 64 << 10
+
+
+def test_kamrad_removes_what_interrupted_migrations_left(cli, root):
+    """Pages, file rounds and archives of migrations a kamrad stop cut short."""
+    run = os.path.join(root, "run")
+    os.makedirs(os.path.join(run, "incoming-pages-abc123"))
+    with open(os.path.join(run, "incoming-pages-abc123", "pages-1.img"), "wb") as f:
+        f.write(b"\0" * 4096)
+    with open(os.path.join(run, "incoming-web-a1b2c3"), "wb") as f:
+        f.write(b"partial archive")
+    cli.run("list", check=True)  # starts kamrad
+    assert [e for e in os.listdir(run) if e.startswith("incoming-")] == []

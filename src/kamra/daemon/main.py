@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kamrad: {exc.message}", file=sys.stderr)
         return 1
     # Builds and imports that a crash interrupted left scratch dirs: none runs yet.
-    for leftover in host.templates.cleanup_scratch():
-        logging.info("removed unfinished template work %s", leftover)
+    for leftover in host.templates.cleanup_scratch() + host.migrations.cleanup_incoming():
+        logging.info("removed unfinished work %s", leftover)
     try:
         host.listen()  # for other kamra hosts, if an address was configured
     except KamraError as exc:

@@ -436,6 +436,24 @@ class Migrations:
         except (OSError, wire.WireError) as exc:
             log.warning("telling %s that %s arrived: %s", trip.remote, name, exc)
 
+    def cleanup_incoming(self) -> list[str]:
+        """What migrations to this host left when kamrad stopped in their middle (pages,
+        file rounds, archives): none runs before kamrad serves, so all of it goes."""
+        try:
+            entries = os.listdir(self.host.layout.run)
+        except FileNotFoundError:
+            return []
+        removed = []
+        for entry in entries:
+            if entry.startswith("incoming-"):
+                path = os.path.join(self.host.layout.run, entry)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
+                removed.append(path)
+        return removed
+
     def settle_pending(self, stop: threading.Event, every: float = 30.0) -> None:
         """kamrad's background task: settle migrations whose end was not heard, asking
         their remotes until each has answered (a remote may be down for a while)."""
