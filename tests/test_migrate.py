@@ -407,3 +407,86 @@ def test_a_lost_answer_after_the_commit_leaves_it_migrating_until_settled(hosts,
         assert a.run("exec", name, "--", "cat", "/root/file", check=True).stdout == "kept\n"
     finally:
         fake.close()
+
+
+@pytest.mark.parametrize("cut", ["files", "pages", "send"])
+def test_the_target_cleans_up_when_the_source_goes_away(hosts, cut):
+    """A source (here: the test, speaking the protocol) hangs up after a round of files,
+    after opening the page stream, or after the whole archive: the target removes what
+    it received, its page server ends, and no container is left."""
+    from kamra.checkpoint import archive
+    from kamra.remote import tls, wire
+
+    b = hosts.cli_b
+    b.run("remote", "listen", B_ADDR, check=True)
+    token = b.run("remote", "token", check=True).stdout.strip()
+    name, trip = unique(), os.urandom(8).hex()
+    manifest = {"container": {"name": name, "template": "busybox", "hostname": name,
+                              "template_digest": b.json("template", "show",
+                                                        "busybox")["digest"],
+                              "storage": "overlay", "created_at": time.time(), "init": [],
+                              "stop_signal": "SIGTERM", "console": True, "plan": None,
+                              "config": {}},
+                "addresses": [], "forwards": [], "checkpoint": None}
+    upper = tempfile.mkdtemp(prefix="kamra-upper-")
+    with open(os.path.join(upper, "file"), "w") as f:
+        f.write("sent\n")
+    run = os.path.join(hosts.roots[1], "run")
+
+    def connect():
+        sock, _ = tls.connect((B_ADDR, 8443), None)
+        wire.send(sock, {"op": "hello", "token": token})
+        assert "ok" in wire.recv(sock)[0]
+        return sock
+
+    def upload(sock, request, write) -> None:
+        wire.send(sock, request)
+        sender = wire.FileSender(sock)
+        write(sender)
+        sender.close()
+        reply, _ = wire.recv(sock)
+        assert reply.get("ok"), reply
+
+    def page_servers() -> list[str]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f"incoming-pages-{trip}".encode() in f.read():
+                        found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    opened = []
+    try:
+        sock = netns.run_in_netns(hosts.client, connect)
+        opened.append(sock)
+        wire.send(sock, {"op": "check", "name": name, "trip": trip, "manifest": manifest})
+        assert wire.recv(sock)[0].get("ok")
+        if cut == "files":
+            upload(sock, {"op": "files", "trip": trip, "round": 1},
+                   lambda out: archive.stream_files(out, upper, None))
+            assert os.path.isfile(os.path.join(run, f"incoming-files-{trip}", "upper", "file"))
+        elif cut == "pages":
+            pages = netns.run_in_netns(hosts.client, connect)
+            opened.append(pages)
+            wire.send(pages, {"op": "pages", "name": name, "trip": trip})
+            assert wire.recv(pages)[0].get("ok")
+            assert page_servers() and os.path.isdir(os.path.join(run, f"incoming-pages-{trip}"))
+        else:
+            upload(sock, {"op": "send", "name": name, "pages": None, "files": None},
+                   lambda out: archive.stream(out, manifest, None, upper))
+            assert b.json("status", name)["state"] == "stopped"  # received, not resumed
+    finally:
+        for sock in opened:
+            sock.close()
+        shutil.rmtree(upper)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (
+            page_servers() or b.json("list")
+            or [e for e in os.listdir(run) if e.startswith("incoming-")]):
+        time.sleep(0.1)
+    assert page_servers() == []
+    assert b.json("list") == []
+    assert [e for e in os.listdir(run) if e.startswith("incoming-")] == []
