@@ -350,6 +350,7 @@ class Migrations:
         record.state = "migrating"
         record.migrating_to = trip.remote
         self.host.store.update(record)
+        self.host.store.sync()
         emit(trip.progress, "resume", message=trip.remote)
         try:
             wire.send(trip.sock, {"op": "resume", "name": record.name})

@@ -67,6 +67,12 @@ class StateStore(ABC):
     def update(self, record: ContainerRecord) -> None: ...
 
     @abstractmethod
+    def sync(self) -> None:
+        """Make every change so far survive a power loss (updates survive a crash of
+        kamrad without it). For decisions that must never be forgotten: a migration's
+        commit."""
+
+    @abstractmethod
     def get(self, name: str) -> ContainerRecord | None: ...
 
     @abstractmethod

@@ -53,6 +53,11 @@ class SqliteStore(StateStore):
             self._db.execute("UPDATE containers SET data = ? WHERE name = ?",
                              (json.dumps(record.to_json()), record.name))
 
+    def sync(self) -> None:
+        # WAL with synchronous=NORMAL syncs the log only at checkpoints: force one.
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(FULL)")
+
     def get(self, name: str) -> ContainerRecord | None:
         with self._lock:
             row = self._db.execute("SELECT data FROM containers WHERE name = ?",
