@@ -184,6 +184,10 @@ def test_live_migration_there_and_back_keeps_the_tcp_stream(hosts):
         assert a.json("status", name)["state"] == "running"
         stream.more()
         stream.check()
+        for root in hosts.roots:  # what the targets logged of the imports
+            with open(os.path.join(root, "run", "kamrad.log")) as f:
+                print("".join(line for line in f if "received" in line), end="")
+        print(f"phases there {there['phases_ms']}, back {back['phases_ms']}")
         print(f"kamra's downtime there {there['downtime_ms']} ms, back "
               f"{back['downtime_ms']} ms; the client's longest gap "
               f"{stream.longest_gap_ms():.0f} ms (before migrating: {gap_before:.0f} ms)")

@@ -728,9 +728,11 @@ class Migrations:
     def _receive(self, sock: ssl.SSLSocket, name: str, pages: str | None,
                  files: str | None = None) -> str:
         path = os.path.join(self.host.layout.run, f"incoming-{name}-{os.urandom(3).hex()}")
+        began = time.perf_counter()
         try:
             with open(path, "wb") as f:
                 wire.recv_file(sock, f, MAX_ARCHIVE)
+            received = time.perf_counter()
             with self.host._lock(name):
                 base = None
                 if files:
@@ -744,6 +746,8 @@ class Migrations:
                     except BaseException:
                         self._drop(name)
                         raise
+            log.info("received %s: archive %.1f ms, import %.1f ms", name,
+                     (received - began) * 1000, (time.perf_counter() - received) * 1000)
         finally:
             try:
                 os.unlink(path)
