@@ -81,8 +81,12 @@ class RemoteRefused(KamraError):
 
 
 def _ask(sock: ssl.SSLSocket, message: dict) -> dict:
-    wire.send(sock, message)
-    reply, _ = wire.recv(sock)
+    try:
+        wire.send(sock, message)
+        reply, _ = wire.recv(sock)
+    except (OSError, wire.WireError) as exc:
+        raise KamraError(f"the other host went away during {message.get('op')!r}: "
+                         f"{exc or type(exc).__name__}") from None
     if "error" in reply:
         raise RemoteRefused(str(reply["error"]))
     return reply
@@ -337,11 +341,7 @@ class Migrations:
 
     def _restore_there(self, trip: _Trip, name: str) -> None:
         emit(trip.progress, "restore", message=trip.remote)
-        try:
-            reply = _ask(trip.sock, {"op": "restore", "name": name})
-        except (OSError, wire.WireError) as exc:
-            raise KamraError(f"lost {trip.remote} while it restored {name!r}: {exc}") \
-                from None
+        reply = _ask(trip.sock, {"op": "restore", "name": name})
         if not reply.get("restored"):
             raise KamraError(f"{trip.remote} answered the restore with {reply}")
 
