@@ -302,7 +302,8 @@ class Migrations:
         host.wait_exit(name, record.init_pid, 10)
         host._finish_stop(record, {"status": None, "code": None, "signal": None,
                                    "reason": f"migrated to {trip.remote}"}, state="migrating")
-        downtime = (time.perf_counter() - frozen) * 1000
+        # Frozen here until resumed there (the answer); cleaning up here comes after.
+        downtime = ((marks[-1][1] if marks else time.perf_counter()) - frozen) * 1000
         reply = outcome.get("reply")
         if reply is None:
             raise KamraError(f"lost {trip.remote} after it was told to resume {name!r} "
