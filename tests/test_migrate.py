@@ -267,6 +267,8 @@ class FakeTarget(threading.Thread):
       chunk    after the first chunk of the container's archive
       restore  when asked to restore (the source's tasks are still frozen)
       resume   after saying "restored" and reading the source's commit
+      partition  when asked to restore, B's link to the LAN goes down and the fake
+               says nothing more, its connections left open (a network partition)
     """
 
     def __init__(self, hosts: Hosts, cut: str):
@@ -277,6 +279,8 @@ class FakeTarget(threading.Thread):
         cert, key = tls.ensure_certificate(self.dir)
         self.context = tls.server_context(cert, key)
         self.cut = cut
+        self.hosts = hosts
+        self.healed = threading.Event()
         self.seen: list[str] = []
         self.threads: list[threading.Thread] = []
 
@@ -316,6 +320,10 @@ class FakeTarget(threading.Thread):
                         return
                     if op == self.cut:
                         return  # the cut: the connection drops here
+                    if op == "restore" and self.cut == "partition":
+                        ns_run(self.hosts.lan, ["ip", "link", "set", "pb", "down"])
+                        self.healed.wait(120)
+                        return
                     if op in ("hello", "check", "end"):
                         wire.send(sock, {"ok": True})
                     elif op == "restore":
@@ -338,13 +346,17 @@ class FakeTarget(threading.Thread):
         proc.wait()
 
     def close(self) -> None:
+        if self.cut == "partition":
+            ns_run(self.hosts.lan, ["ip", "link", "set", "pb", "up"])
+        self.healed.set()
         self.listener.close()
         for thread in self.threads:
             thread.join(10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.mark.parametrize("cut", ["hello", "check", "files", "pages", "chunk", "restore"])
+@pytest.mark.parametrize("cut", ["hello", "check", "files", "pages", "chunk", "restore",
+                                 "partition"])
 def test_a_cut_before_the_commit_resumes_the_container_here(hosts, cut):
     """The target goes away before the source committed (its tasks frozen): CRIU
     resumes them on the source, which says what happened in one line, and the client's
@@ -368,7 +380,10 @@ def test_a_cut_before_the_commit_resumes_the_container_here(hosts, cut):
             assert "Traceback" not in moved.stderr, moved.stderr
             assert "internal error" not in moved.stderr, moved.stderr
             assert len(moved.stderr.strip().splitlines()) == 1, moved.stderr
-            assert cut in fake.seen, fake.seen  # the cut came where it was meant to
+            assert cut in fake.seen or cut == "partition", fake.seen  # where it was meant to
+            if cut == "partition":  # TCP keepalive ended the silent connection
+                assert "restore" in fake.seen, fake.seen
+                assert "went away during 'restore'" in moved.stderr, moved.stderr
             if cut == "pages":  # the memory had nowhere to go: no fallback to restart
                 assert "could not reach" in moved.stderr, moved.stderr
             status = a.json("status", name)

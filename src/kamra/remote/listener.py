@@ -60,7 +60,7 @@ class RemoteListener:
 
     def _connection(self, raw: socket.socket, peer: str) -> None:
         raw.settimeout(30)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see tls.connect
+        tls.tune(raw)
         try:
             sock = self.context.wrap_socket(raw, server_side=True)
         except (OSError, ssl.SSLError) as exc:

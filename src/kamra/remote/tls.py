@@ -16,6 +16,24 @@ from kamra.errors import KamraError
 
 CERT = "server.crt"
 KEY = "server.key"
+# A peer that vanishes (power loss, a network partition) must not leave a container
+# frozen until the operation timeout: keepalive probes after 10 s of silence, three
+# unanswered 5 s apart end the connection; data unacknowledged for 30 s ends it too.
+KEEPALIVE = (10, 5, 3)
+USER_TIMEOUT_MS = 30_000
+
+
+def tune(sock: socket.socket) -> None:
+    """Options for every connection between kamra hosts, on both sides."""
+    # Requests and answers are small and waited for: Nagle's delay would add up to tens
+    # of milliseconds to each while a container is frozen.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle, interval, count = KEEPALIVE
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
 def ensure_certificate(directory: str) -> tuple[str, str]:
@@ -68,9 +86,7 @@ def connect(address: tuple[str, int], pinned: str | None,
     except OSError as exc:
         raise KamraError(f"cannot reach {address[0]}:{address[1]}: {exc.strerror or exc}") \
             from None
-    # Requests and answers are small and waited for: Nagle's delay would add up to tens
-    # of milliseconds to each while a container is frozen.
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tune(raw)
     try:
         sock = context.wrap_socket(raw)
     except (OSError, ssl.SSLError) as exc:
