@@ -521,33 +521,29 @@ def test_the_target_cleans_up_when_the_source_goes_away(hosts, cut):
 
 
 @needs_debian
-def test_a_debian_container_migrates_live_with_its_services(busybox_cache, debian_build):
+def test_a_debian_container_migrates_live_with_its_services(hosts, debian_build):
     """systemd as init, its services, and the template itself (B lacks it: sent)."""
-    h = Hosts(busybox_cache)
-    try:
-        install_template(h.roots[0], debian_build[0].path, "debian")
-        h.pair()
-        a, b = h.cli_a, h.cli_b
-        name = unique("d")
-        a.run("create", name, "--template", "debian", "-c", "limits.memory=256M",
-              "-c", "net.nat=false", check=True)
-        a.run("start", name, check=True)
+    install_template(hosts.roots[0], debian_build[0].path, "debian")  # before kamrad starts
+    hosts.pair()
+    a, b = hosts.cli_a, hosts.cli_b
+    name = unique("d")
+    a.run("create", name, "--template", "debian", "-c", "limits.memory=256M",
+          "-c", "net.nat=false", check=True)
+    a.run("start", name, check=True)
 
-        def services(cli: Cli) -> set[str]:
-            out = cli.run("exec", name, "--", "systemctl", "list-units", "--type=service",
-                          "--state=running", "--no-legend", "--plain").stdout
-            return {line.split()[0] for line in out.splitlines() if line.strip()}
+    def services(cli: Cli) -> set[str]:
+        out = cli.run("exec", name, "--", "systemctl", "list-units", "--type=service",
+                      "--state=running", "--no-legend", "--plain").stdout
+        return {line.split()[0] for line in out.splitlines() if line.strip()}
 
-        deadline = time.monotonic() + 30
-        while not (running := services(a)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        moved = a.json("migrate", name, "b")
-        assert moved["mode"] == "live", moved
-        assert b.run("exec", name, "--", "cat", "/proc/1/comm").stdout.strip() == "systemd"
-        survived = services(b)
-        print(f"services before: {sorted(running)}; on B after a live migration: "
-              f"{sorted(survived)}; downtime {moved['downtime_ms']} ms, phases "
-              f"{moved['phases_ms']}, {moved['bytes'] / 1e6:.1f} MB")
-        assert running and survived == running
-    finally:
-        h.close()
+    deadline = time.monotonic() + 30
+    while not (running := services(a)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    moved = a.json("migrate", name, "b")
+    assert moved["mode"] == "live", moved
+    assert b.run("exec", name, "--", "cat", "/proc/1/comm").stdout.strip() == "systemd"
+    survived = services(b)
+    print(f"services before: {sorted(running)}; on B after a live migration: "
+          f"{sorted(survived)}; downtime {moved['downtime_ms']} ms, phases "
+          f"{moved['phases_ms']}, {moved['bytes'] / 1e6:.1f} MB")
+    assert running and survived == running

@@ -282,22 +282,23 @@ class Migrations:
         relaying.start()
         frozen = time.perf_counter()
         emit(trip.progress, "dump", message=name)
+        failed: DumpFailed | None = None
         try:
             host.checkpoints._dump(record, False, post_dump=post_dump, page_server=for_criu)
         except DumpFailed as exc:
-            for_criu.close()
-            relaying.join(30)
-            # The page stream broke (CRIU's page transfer failed): not the container's
-            # fault, so no fallback to restart mode.
-            if relayed and relayed[0].cut and "page-xfer" in exc.message:
-                raise KamraError(f"the memory of {name!r} could not reach {trip.remote} "
-                                 "(the connection broke); it keeps running here") from None
-            raise _NotDumpable(exc.message) from None
+            failed = exc
         finally:
             for_criu.close()  # criu is gone: the relay reads the end of it
             relaying.join(30)
             pages.close()
             local.close()
+        if failed is not None:
+            # The page stream broke (CRIU's page transfer failed): not the container's
+            # fault, so no fallback to restart mode.
+            if relayed and relayed[0].cut and "page-xfer" in failed.message:
+                raise KamraError(f"the memory of {name!r} could not reach {trip.remote} "
+                                 "(the connection broke); it keeps running here")
+            raise _NotDumpable(failed.message)
         # Committed: the source's tasks are gone (CRIU killed them after post-dump).
         host.wait_exit(name, record.init_pid, 10)
         host._finish_stop(record, {"status": None, "code": None, "signal": None,
@@ -669,8 +670,9 @@ class Migrations:
             except BadValue as exc:
                 raise Conflict(f"this host cannot give {key}={format_value(key, value)}: "
                                f"{exc.problem}") from None
-        memory, total = values.get("limits.memory"), _mem_total()
-        if isinstance(memory, int) and total and memory > total:
+        memory = values.get("limits.memory")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if isinstance(memory, int) and memory > total:
             raise Conflict(f"this host cannot give limits.memory="
                            f"{format_value('limits.memory', memory)}: it has "
                            f"{format_value('limits.memory', total)} of RAM")
@@ -789,14 +791,6 @@ class Migrations:
             self.host.destroy(name, force=True)
         except KamraError as exc:
             log.warning("dropping %s: %s", name, exc.message)
-
-
-def _mem_total() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class _IncomingPages:
