@@ -5,14 +5,26 @@
 # --lazy-pages, all over loopback in a private network namespace.
 #
 #   run as root:  unshare -n sh bench/lazy-pages-repro.sh
+#                 unshare -n env PIPE_MAX=4194304 sh bench/lazy-pages-repro.sh
 #
-# Seen with CRIU 4.2.1 on kernel 6.18: the source logs "page-pipe: tee: 65536: Operation
-# not permitted" and "Lazy pages transfer FAILED" at the first page request; the
-# lazy-pages daemon "Remote side closed connection"; the restore "uffd: Failed sending
-# restore finished indication: Broken pipe" and kills what it restored.
+# Seen with CRIU 4.2.1 on kernel 6.18, as root without CAP_SYS_RESOURCE and with
+# fs.pipe-max-size at its default 1 MiB: the source logs "page-pipe: tee: 65536:
+# Operation not permitted" and "Lazy pages transfer FAILED" at the first page request;
+# the lazy-pages daemon "Remote side closed connection"; the restore "uffd: Failed
+# sending restore finished indication: Broken pipe" and kills what it restored.
+# The cause: CRIU's lazy transfer asks for 4 MiB pipes (pipe_read_dest_init), which
+# fs.pipe-max-size refuses without CAP_SYS_RESOURCE; CRIU goes on with 64 KiB pipes
+# and its tee() of more comes back short. With PIPE_MAX=4194304 the sysctl is raised
+# for the run (and put back at the end) and the restore completes without an error.
 set -u
 PATH=/usr/local/sbin:$PATH
 ip link set lo up
+if [ -n "${PIPE_MAX:-}" ]; then
+    SAVED_PIPE_MAX=$(cat /proc/sys/fs/pipe-max-size)
+    trap 'echo "$SAVED_PIPE_MAX" > /proc/sys/fs/pipe-max-size' EXIT
+    echo "$PIPE_MAX" > /proc/sys/fs/pipe-max-size
+fi
+echo "fs.pipe-max-size: $(cat /proc/sys/fs/pipe-max-size)"
 IMG=$(mktemp -d /tmp/lazy-pages-repro.XXXXXX)
 # The process is pid 1 of its own pid namespace, so the restore (in a new one) can give
 # it back its pid while the frozen source still exists.

@@ -39,8 +39,11 @@ STREAM = "i=0; while :; do echo $i; i=$((i+1)); sleep 0.01; done | nc -l -p 5000
 
 
 class Hosts:
-    def __init__(self, busybox_cache: str):
+    def __init__(self, busybox_cache: str, target_run_size: str | None = None):
+        """``target_run_size``: B's run directory (where migrations arrive) is a tmpfs
+        of that size, to fill up."""
         self.fds: list[int] = []
+        self.small_run: str | None = None
         self.lan = self._ns()
         self.a, self.b, self.client = self._ns(), self._ns(), self._ns()
         ns_run(self.lan, ["ip", "link", "add", "br0", "type", "bridge"])
@@ -58,6 +61,11 @@ class Hosts:
             install_template(root, busybox_cache)
             with open(os.path.join(root, "network.toml"), "w") as f:
                 f.write('[network]\nuplink = "up0"\n')
+        if target_run_size:  # before the mount namespaces, which copy it
+            self.small_run = Layout.at(self.roots[1]).run
+            os.makedirs(self.small_run, 0o700, exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={target_run_size},mode=0700",
+                            "kamra-test-run", self.small_run], check=True)
         self.mnt_a = self._mount_ns(hide=self.roots[1])
         self.mnt_b = self._mount_ns(hide=self.roots[0])
         self.cli_a = Cli(self.roots[0], netns=self.a, mntns=self.mnt_a)
@@ -97,13 +105,20 @@ class Hosts:
         for cli, root in ((self.cli_a, self.roots[0]), (self.cli_b, self.roots[1])):
             cli_teardown(cli, root)
             layout = Layout.at(root)
+
+            def found_here(layout: Layout = layout) -> list[str]:
+                return [f for f in leftovers(layout) if f != f"mount {self.small_run}"]
+
             deadline = time.monotonic() + 3
-            while (found := leftovers(layout)) and time.monotonic() < deadline:
+            while (found := found_here()) and time.monotonic() < deadline:
                 time.sleep(0.1)
             if found:
                 force_cleanup(layout)
             problems += found
             shutil.rmtree(root, ignore_errors=True)
+        if self.small_run:
+            subprocess.run(["umount", "-l", self.small_run], check=False)
+            shutil.rmtree(self.roots[1], ignore_errors=True)
         for fd in self.fds:
             os.close(fd)
         assert not problems, f"test left behind: {problems}"
@@ -330,6 +345,8 @@ class FakeTarget(threading.Thread):
                         wire.send(sock, {"restored": True})
                     elif op == "has":
                         wire.send(sock, {"state": None})  # it never got the container
+                    elif op == "pages-failed":  # it knows nothing of its page server
+                        wire.send(sock, {"error": "unknown request 'pages-failed'"})
             except (OSError, wire.WireError):
                 pass
 
@@ -437,18 +454,90 @@ def test_a_lost_answer_after_the_commit_leaves_it_migrating_until_settled(hosts,
         fake.close()
 
 
+class FakeSource:
+    """The test speaking the protocol to a real target B, as a source would."""
+
+    def __init__(self, hosts: Hosts):
+        self.hosts = hosts
+        b = hosts.cli_b
+        b.run("remote", "listen", B_ADDR, check=True)
+        self.token = b.run("remote", "token", check=True).stdout.strip()
+        self.trip = os.urandom(8).hex()
+        self.opened: list = []
+        self.run = os.path.join(hosts.roots[1], "run")
+
+    def connect(self):
+        from kamra.remote import tls, wire
+
+        def connect():
+            sock, _ = tls.connect((B_ADDR, 8443), None)
+            wire.send(sock, {"op": "hello", "token": self.token})
+            assert "ok" in wire.recv(sock)[0]
+            return sock
+
+        sock = netns.run_in_netns(self.hosts.client, connect)
+        self.opened.append(sock)
+        return sock
+
+    @staticmethod
+    def ask(sock, request: dict) -> dict:
+        from kamra.remote import wire
+
+        wire.send(sock, request)
+        return wire.recv(sock)[0]
+
+    @staticmethod
+    def upload(sock, request: dict, write) -> None:
+        from kamra.remote import wire
+
+        wire.send(sock, request)
+        sender = wire.FileSender(sock)
+        write(sender)
+        sender.close()
+        reply, _ = wire.recv(sock)
+        assert reply.get("ok"), reply
+
+    def page_servers(self) -> list[str]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f"incoming-pages-{self.trip}".encode() in f.read():
+                        found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    def staged(self) -> list[str]:
+        return [e for e in os.listdir(self.run) if e.startswith("incoming-")]
+
+    def hang_up(self) -> None:
+        for sock in self.opened:
+            sock.close()
+        self.opened.clear()
+
+    def target_is_clean(self) -> None:
+        """Wait for B to drop what arrived, then check nothing is left."""
+        b = self.hosts.cli_b
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (
+                self.page_servers() or b.json("list") or self.staged()):
+            time.sleep(0.1)
+        assert self.page_servers() == []
+        assert b.json("list") == []
+        assert self.staged() == []
+
+
 @pytest.mark.parametrize("cut", ["files", "pages", "send"])
 def test_the_target_cleans_up_when_the_source_goes_away(hosts, cut):
     """A source (here: the test, speaking the protocol) hangs up after a round of files,
     after opening the page stream, or after the whole archive: the target removes what
     it received, its page server ends, and no container is left."""
     from kamra.checkpoint import archive
-    from kamra.remote import tls, wire
 
     b = hosts.cli_b
-    b.run("remote", "listen", B_ADDR, check=True)
-    token = b.run("remote", "token", check=True).stdout.strip()
-    name, trip = unique(), os.urandom(8).hex()
+    source = FakeSource(hosts)
+    name, trip = unique(), source.trip
     manifest = {"container": {"name": name, "template": "busybox", "hostname": name,
                               "template_digest": b.json("template", "show",
                                                         "busybox")["digest"],
@@ -459,65 +548,136 @@ def test_the_target_cleans_up_when_the_source_goes_away(hosts, cut):
     upper = tempfile.mkdtemp(prefix="kamra-upper-")
     with open(os.path.join(upper, "file"), "w") as f:
         f.write("sent\n")
-    run = os.path.join(hosts.roots[1], "run")
-
-    def connect():
-        sock, _ = tls.connect((B_ADDR, 8443), None)
-        wire.send(sock, {"op": "hello", "token": token})
-        assert "ok" in wire.recv(sock)[0]
-        return sock
-
-    def upload(sock, request, write) -> None:
-        wire.send(sock, request)
-        sender = wire.FileSender(sock)
-        write(sender)
-        sender.close()
-        reply, _ = wire.recv(sock)
-        assert reply.get("ok"), reply
-
-    def page_servers() -> list[str]:
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f"incoming-pages-{trip}".encode() in f.read():
-                        found.append(pid)
-            except OSError:
-                pass
-        return found
-
-    opened = []
     try:
-        sock = netns.run_in_netns(hosts.client, connect)
-        opened.append(sock)
-        wire.send(sock, {"op": "check", "name": name, "trip": trip, "manifest": manifest})
-        assert wire.recv(sock)[0].get("ok")
+        sock = source.connect()
+        assert source.ask(sock, {"op": "check", "name": name, "trip": trip,
+                                 "manifest": manifest}).get("ok")
         if cut == "files":
-            upload(sock, {"op": "files", "trip": trip, "round": 1},
-                   lambda out: archive.stream_files(out, upper, None))
-            assert os.path.isfile(os.path.join(run, f"incoming-files-{trip}", "upper", "file"))
+            source.upload(sock, {"op": "files", "trip": trip, "round": 1},
+                          lambda out: archive.stream_files(out, upper, None))
+            assert os.path.isfile(os.path.join(source.run, f"incoming-files-{trip}",
+                                               "upper", "file"))
         elif cut == "pages":
-            pages = netns.run_in_netns(hosts.client, connect)
-            opened.append(pages)
-            wire.send(pages, {"op": "pages", "name": name, "trip": trip})
-            assert wire.recv(pages)[0].get("ok")
-            assert page_servers() and os.path.isdir(os.path.join(run, f"incoming-pages-{trip}"))
+            pages = source.connect()
+            assert source.ask(pages, {"op": "pages", "name": name, "trip": trip}).get("ok")
+            assert source.page_servers()
+            assert os.path.isdir(os.path.join(source.run, f"incoming-pages-{trip}"))
         else:
-            upload(sock, {"op": "send", "name": name, "pages": None, "files": None},
-                   lambda out: archive.stream(out, manifest, None, upper))
-            assert b.json("status", name)["state"] == "stopped"  # received, not resumed
+            source.upload(sock, {"op": "send", "name": name, "pages": None, "files": None},
+                          lambda out: archive.stream(out, manifest, None, upper))
+            status = b.json("status", name)  # received, not resumed: not B's yet
+            assert status["state"] == "migrating" and status["running"] is False, status
+            assert status["migrating_from"] == CLIENT
     finally:
-        for sock in opened:
-            sock.close()
+        source.hang_up()
         shutil.rmtree(upper)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and (
-            page_servers() or b.json("list")
-            or [e for e in os.listdir(run) if e.startswith("incoming-")]):
-        time.sleep(0.1)
-    assert page_servers() == []
-    assert b.json("list") == []
-    assert [e for e in os.listdir(run) if e.startswith("incoming-")] == []
+    source.target_is_clean()
+
+
+def test_a_target_kamrad_killed_before_the_commit_drops_what_arrived(hosts):
+    """B restores a real checkpoint (sent by the test, as a source would), stopped at
+    CRIU's post-restore, says "restored", and its kamrad is killed before any commit.
+    CRIU on B kills what it restored; B's kamrad, started again, drops the container
+    (the source still has it) and everything its restore had set up."""
+    from kamra.checkpoint import archive
+
+    a = hosts.cli_a
+    name = unique()
+    a.run("create", name, "--template", "busybox", check=True)
+    a.run("start", name, check=True)
+    a.run("exec", name, "--", "sh", "-c", "echo kept > /root/file", check=True)
+    work = tempfile.mkdtemp(prefix="kamra-export-")
+    export = os.path.join(work, "c.tar.zst")
+    try:
+        a.run("checkpoint", name, "--export", export, check=True)
+        manifest = archive.read(export)
+        source = FakeSource(hosts)
+        sock = source.connect()
+        assert source.ask(sock, {"op": "check", "name": name, "trip": source.trip,
+                                 "manifest": manifest}).get("ok")
+
+        def write(out) -> None:
+            with open(export, "rb") as f:
+                shutil.copyfileobj(f, out)
+
+        source.upload(sock, {"op": "send", "name": name, "pages": None, "files": None},
+                      write)
+        assert source.ask(sock, {"op": "restore", "name": name}) == {"restored": True}
+        # Restored and stopped on B, waiting for the commit: kill B's kamrad.
+        layout = Layout.at(hosts.roots[1])
+        with open(layout.daemon_pid) as f:
+            kamrad = int(f.read().split()[0])
+        os.kill(kamrad, 9)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{kamrad}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        source.hang_up()
+        source.target_is_clean()  # B's kamrad starts again (the CLI starts it)
+        with open(layout.daemon_log) as f:
+            assert "was not committed" in f.read()
+        assert not os.path.exists(layout.container_dir(name))
+        # The source's copy is intact: it restores and runs.
+        a.run("restore", name, check=True)
+        assert a.run("exec", name, "--", "cat", "/root/file", check=True).stdout == "kept\n"
+    finally:
+        shutil.rmtree(work)
+
+
+@pytest.fixture
+def hosts_small_target(busybox_cache):
+    h = Hosts(busybox_cache, target_run_size="24m")
+    yield h
+    h.close()
+
+
+@pytest.mark.parametrize("fills", ["files", "pages"])
+def test_a_full_disk_on_the_target_leaves_the_container_running_here(hosts_small_target,
+                                                                     fills):
+    """B's run directory, where migrations arrive, holds 24 MB: 40 MB of files (the
+    first round) or of memory (the page stream) do not fit. The source says why in one
+    line, the container runs on with the client's stream, and B keeps nothing."""
+    hosts = hosts_small_target
+    hosts.pair()
+    a, b = hosts.cli_a, hosts.cli_b
+    name, _, stream = streaming_container(a, hosts.client)
+    try:
+        if fills == "files":
+            a.run("exec", name, "--", "dd", "if=/dev/urandom", "of=/root/big", "bs=1M",
+                  "count=40", check=True)
+        else:
+            a.run("exec", name, "--", "sh", "-c",
+                  "setsid sh -c 'dd if=/dev/urandom bs=40M count=1 | sleep 100000' "
+                  "</dev/null >/dev/null 2>&1 &", check=True)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                rss = a.run("exec", name, "--", "sh", "-c",
+                            "grep VmRSS /proc/$(pidof dd)/status").stdout.split()
+                if len(rss) > 1 and int(rss[1]) >= 40 << 10:
+                    break
+                time.sleep(0.2)
+            else:
+                pytest.fail("dd never held its 40 MB")
+        pid = a.json("status", name)["init_pid"]
+        stream.more()
+        moved = a.run("migrate", name, "b")
+        assert moved.returncode != 0, moved.stdout
+        assert "Traceback" not in moved.stderr, moved.stderr
+        assert len(moved.stderr.strip().splitlines()) == 1, moved.stderr
+        assert "No space left on device" in moved.stderr, moved.stderr
+        print(moved.stderr.strip())
+        status = a.json("status", name)
+        assert status["state"] == "running" and status["init_pid"] == pid
+        stream.more()
+        stream.check()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (
+                b.json("list") or [e for e in os.listdir(hosts.small_run)
+                                   if e.startswith("incoming-")]):
+            time.sleep(0.1)
+        assert b.json("list") == []
+        assert [e for e in os.listdir(hosts.small_run) if e.startswith("incoming-")] == []
+    finally:
+        stream.close()
 
 
 @needs_debian

@@ -226,8 +226,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         help="auto (default): live when CRIU can dump it, else restart, "
                              "saying why; live: never falls back; restart: stop, copy, start")
         mg.add_argument("--lazy", action="store_true",
-                        help="post-copy memory (CRIU lazy pages): not available here, see "
-                             "docs/migration.md")
+                        help="post-copy memory (CRIU lazy pages): refused for now, saying "
+                             "why; see docs/migration.md")
         fmt(mg)
     if only in (None, "remote"):
         rm = cmd("remote", "other kamra hosts to migrate to, and listening for them")
@@ -737,7 +737,9 @@ def cmd_status(client: Client, a: argparse.Namespace) -> int:
         rows.append(("last exit", f"{last.get('reason')} (code {last.get('code')})"))
     if data.get("migrating_from"):
         rows.append(("migrating", f"from {data['migrating_from']}, which has not confirmed "
-                                  "it heard the end yet"))
+                                  "it heard the end yet ("
+                                  + ("running here" if data.get("running") else "not running")
+                                  + ")"))
     if data.get("migrating_to"):
         rows.append(("migrating", f"to {data['migrating_to']}: 'kamra migrate {a.name} "
                                   f"{data['migrating_to']}' settles it"))

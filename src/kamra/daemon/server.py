@@ -191,9 +191,9 @@ class Handler(BaseHTTPRequestHandler):
     def migrate_container(self, query: dict, name: str) -> None:
         body = self._body()
         if body.get("lazy"):
-            raise InvalidInput("--lazy (post-copy) is not available here: CRIU 4.2's remote "
-                               "lazy pages fail on this kernel (see docs/migration.md); "
-                               "migrate without it")
+            from kamra.engine.migrate import lazy_pages_unavailable
+
+            raise InvalidInput(lazy_pages_unavailable())
         remote, mode = _str(body, "remote"), str(body.get("mode") or "auto")
         self._stream(lambda emit: self.host.migrations.migrate(name, remote, mode, emit))
 

@@ -260,10 +260,10 @@ class Checkpoints:
 
     # -- restore ------------------------------------------------------------------------
     def restore(self, name: str, *, import_file: str | None = None,
-                before_resume: Callable[[], None] | None = None) -> dict:
-        """Restore the checkpoint. ``before_resume`` runs once the processes are
-        restored, still stopped and with the network locked; if it raises, CRIU kills
-        them and the restore is undone (a migration's target waits there for the
+                before_resume: Callable[[ContainerRecord], None] | None = None) -> dict:
+        """Restore the checkpoint. ``before_resume(record)`` runs once the processes
+        are restored, still stopped and with the network locked (changes it makes to the
+        record are kept); if it raises, CRIU kills them and the restore is undone (a migration's target waits there for the
         source's commit)."""
         host = self.host
         with host._lock(name):
@@ -286,7 +286,7 @@ class Checkpoints:
             return result
 
     def _restore_locked(self, record: ContainerRecord, meta: dict,
-                        before_resume: Callable[[], None] | None = None) -> None:
+                        before_resume: Callable[[ContainerRecord], None] | None = None) -> None:
         host = self.host
         name = record.name
         info = host.templates.get(record.template)
@@ -335,7 +335,7 @@ class Checkpoints:
 
     def _run_restore(self, record: ContainerRecord, directory: str, rootfs: str,
                      meta: dict, lxcfs: str | None, networked: bool,
-                     before_resume: Callable[[], None] | None) -> dict:
+                     before_resume: Callable[[ContainerRecord], None] | None) -> dict:
         host = self.host
         name = record.name
         opts: dict[str, Any] = {
@@ -382,12 +382,12 @@ class Checkpoints:
         return message
 
     def _on_notify(self, record: ContainerRecord, message: dict,
-                   before_resume: Callable[[], None] | None) -> dict:
+                   before_resume: Callable[[ContainerRecord], None] | None) -> dict:
         """post-setup-namespaces: CRIU made the container's (empty, locked) network
         namespace: wire it. post-restore: everything is restored but not yet running."""
         if message["notify"] == "post-restore" and before_resume is not None:
             try:
-                before_resume()
+                before_resume(record)
             except KamraError as exc:
                 return {"error": exc.message}
             except (OSError, ValueError) as exc:
@@ -413,10 +413,13 @@ class Checkpoints:
             self.host.network.announce(record)
         return {"ok": True}
 
-    def _import(self, name: str, path: str, base_upper: str | None = None) -> None:
+    def _import(self, name: str, path: str, base_upper: str | None = None,
+                arriving_from: str | None = None) -> None:
         """Make container ``name`` from an exported checkpoint, in state checkpointed.
         ``base_upper``: the files copied in earlier rounds of a migration, which the
-        archive's upper/ (a delta, with ``upper_paths`` in the manifest) completes."""
+        archive's upper/ (a delta, with ``upper_paths`` in the manifest) completes.
+        ``arriving_from``: the source host of a migration not yet committed (the record
+        says so from its first write, so a crash of kamrad cannot leave a copy)."""
         from kamra.checkpoint import archive
         from kamra.engine.host import raise_exists
         from kamra.names import check_name
@@ -433,7 +436,9 @@ class Checkpoints:
             raise Conflict(f"template {info.name!r} here is {info.digest}, the checkpoint "
                            f"needs {saved['template_digest']}: import that template first")
         state = "checkpointed" if manifest.get("checkpoint") else "stopped"
-        record = ContainerRecord.from_json({**saved, "name": name, "state": state})
+        record = ContainerRecord.from_json({**saved, "name": name, "state": state,
+                                            "migrating_from": arriving_from,
+                                            "arriving": arriving_from is not None})
         container_dir = host.layout.container_dir(name)
         if os.path.exists(container_dir):
             raise Conflict(f"{container_dir} exists but no container {name!r} is recorded: "

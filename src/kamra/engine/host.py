@@ -630,8 +630,11 @@ class Host:
     def _status(self, record: ContainerRecord, addresses: dict[str, str] | None = None) -> dict:
         if addresses is None:
             addresses = self.store.addresses()
+        # A container that arrived by migration shows "migrating" until its source
+        # confirms (it runs, and may be used, once the source committed).
+        state = "migrating" if record.migrating_from else record.state
         return {
-            "name": record.name, "state": record.state, "template": record.template,
+            "name": record.name, "state": state, "template": record.template,
             "template_digest": record.template_digest, "hostname": record.hostname,
             "init_pid": record.init_pid or None, "created_at": record.created_at,
             "started_at": record.started_at if record.state in RUNNING_STATES else None,
@@ -641,6 +644,7 @@ class Host:
             "addresses": [a for a, holder in addresses.items() if holder == record.name],
             "migrating_to": record.migrating_to if record.state == "migrating" else None,
             "migrating_from": record.migrating_from,
+            "running": record.state in RUNNING_STATES,
         }
 
     def status(self, name: str) -> dict:

@@ -22,8 +22,10 @@ Authenticated TLS connections (kamra.remote) carry everything; the source drives
 Exactly one host runs the container. Before the commit any failure makes the source's
 CRIU resume its frozen tasks (a post-dump that raises), the target's CRIU kill what it
 restored (a post-restore that fails), and the target drop what it received when the
-connection closes. After the commit the source never resumes: a lost answer leaves it
-``migrating`` until it asks the remote (``kamra migrate`` again, or kamrad at start).
+connection closes (the record is marked ``arriving`` until the commit, so a target
+kamrad that dies drops it when it starts again). After the commit the source never
+resumes: a lost answer leaves it ``migrating`` until it asks the remote (``kamra
+migrate`` again, or kamrad at start); the target shows ``migrating`` until then too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import threading
@@ -43,6 +46,7 @@ from kamra.checkpoint import archive
 from kamra.checkpoint.criu import Criu, log_errors
 from kamra.engine.checkpoint import DumpFailed, criu_binary
 from kamra.errors import AlreadyExists, Conflict, InvalidInput, KamraError
+from kamra.linux import proc
 from kamra.remote import tls, wire
 from kamra.remote.relay import Relayed, relay, socket_pair
 from kamra.remote.store import RemoteStore, parse_address
@@ -74,6 +78,27 @@ class _Trip:
     id: str = field(default_factory=lambda: os.urandom(8).hex())
     since: float | None = None  # the start of the last file round the target has
     rounds: list[dict] = field(default_factory=list)
+
+
+LAZY_PIPE = 4 << 20  # the pipe CRIU's lazy pages ask for (PIPE_MAX_SIZE pages, rounded)
+
+
+def lazy_pages_unavailable() -> str:
+    """Why ``--lazy`` is refused here, in one line."""
+    from kamra.linux.caps import CAPS, has_cap
+
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            pipe_max = int(f.read())
+    except (OSError, ValueError):
+        pipe_max = 0
+    if not has_cap(CAPS["sys_resource"]) and pipe_max < LAZY_PIPE:
+        return (f"--lazy (post-copy) is not available here: CRIU's lazy pages need "
+                f"{LAZY_PIPE >> 20} MiB pipes, and without CAP_SYS_RESOURCE "
+                f"fs.pipe-max-size ({pipe_max >> 10} KiB) caps them, so CRIU's page "
+                "transfer fails (see docs/migration.md); migrate without it")
+    return ("--lazy (post-copy) is not available yet: kamra does not drive CRIU's lazy "
+            "pages (see docs/migration.md); migrate without it")
 
 
 class RemoteRefused(KamraError):
@@ -188,7 +213,8 @@ class Migrations:
             trip, {"op": "send", "name": record.name, "pages": trip.id if pages else None,
                    "files": trip.id if trip.since is not None else None},
             lambda out: archive.stream(out, manifest, images, upper, trip.since),
-            "send", None, f"sending {record.name!r} to the target failed", "")
+            "send", None, f"sending {record.name!r} to the target failed",
+            f"sending {record.name!r} to {trip.remote} failed: ")
 
     def _upload(self, trip: _Trip, request: dict, write: Callable[[wire.FileSender], None],
                 phase: str, label: str | None, failed: str, refused: str) -> int:
@@ -232,7 +258,8 @@ class Migrations:
         return self._upload(trip, {"op": "files", "trip": trip.id, "round": number},
                             lambda out: archive.stream_files(out, upper, since),
                             "files", f"round {number}",
-                            f"copying the files to {trip.remote} failed", "")
+                            f"copying the files to {trip.remote} failed",
+                            f"copying the files to {trip.remote} failed: ")
 
     def _send_template(self, trip: _Trip, name: str) -> None:
         """The target lacks the template: send it (it verifies the digest)."""
@@ -296,8 +323,16 @@ class Migrations:
             # The page stream broke (CRIU's page transfer failed): not the container's
             # fault, so no fallback to restart mode.
             if relayed and relayed[0].cut and "page-xfer" in failed.message:
+                why = "the connection broke"
+                try:  # the target's page server may have failed (a full disk)
+                    trip.sock.settimeout(10)
+                    _ask(trip.sock, {"op": "pages-failed", "trip": trip.id})
+                except RemoteRefused as exc:
+                    why = exc.message
+                except KamraError:
+                    pass
                 raise KamraError(f"the memory of {name!r} could not reach {trip.remote} "
-                                 "(the connection broke); it keeps running here")
+                                 f"({why}); it keeps running here")
             raise _NotDumpable(failed.message)
         # Committed: the source's tasks are gone (CRIU killed them after post-dump).
         host.wait_exit(name, record.init_pid, 10)
@@ -441,12 +476,18 @@ class Migrations:
 
     def cleanup_incoming(self) -> list[str]:
         """What migrations to this host left when kamrad stopped in their middle (pages,
-        file rounds, archives): none runs before kamrad serves, so all of it goes."""
+        file rounds, archives, containers received but not committed): none runs before
+        kamrad serves, so all of it goes. Their sources resumed their own copies."""
+        removed = []
+        for record in self.host.store.list():
+            if record.arriving:
+                self._drop_arrival(record)
+                removed.append(f"container {record.name} (its migration from "
+                               f"{record.migrating_from} was not committed)")
         try:
             entries = os.listdir(self.host.layout.run)
         except FileNotFoundError:
-            return []
-        removed = []
+            return removed
         for entry in entries:
             if entry.startswith("incoming-"):
                 path = os.path.join(self.host.layout.run, entry)
@@ -479,6 +520,18 @@ class Migrations:
                                 getattr(exc, "message", exc))
             stop.wait(every)
 
+    def _drop_arrival(self, record: ContainerRecord) -> None:
+        """Undo what a restore of an uncommitted arrival left (CRIU killed what it
+        restored when it lost kamrad), then the container itself."""
+        host = self.host
+        with host._lock(record.name):
+            if record.init_pid and proc.alive(record.init_pid, record.init_start):
+                os.kill(record.init_pid, signal.SIGKILL)  # cannot be: it never resumed
+            host._finish_stop(record, {"status": None, "code": None, "signal": None,
+                                       "reason": "migration not committed"})
+            host.checkpoints.discard(record.name)
+            host._destroy_locked(record)
+
     def _forget(self, record: ContainerRecord) -> None:
         """The target runs it: remove the source's copy (files, checkpoint, addresses)."""
         self.host._destroy_locked(record)
@@ -501,7 +554,9 @@ class Migrations:
                         return
                     if op == "has":  # a source settling a migration it did not hear end
                         found = self._confirmed(str(message["name"]))
-                        wire.send(sock, {"state": found.state if found else None})
+                        # One still arriving is not ours: its commit never came.
+                        wire.send(sock, {"state": found.state if found and not
+                                         found.arriving else None})
                     elif op == "done":  # the source heard the answer and forgets its copy
                         self._confirmed(str(message["name"]))
                         return
@@ -518,7 +573,8 @@ class Migrations:
                         wire.send(sock, {"ok": True})
                     elif op == "send":
                         imported = self._receive(sock, str(message["name"]),
-                                                 message.get("pages"), message.get("files"))
+                                                 message.get("pages"), message.get("files"),
+                                                 source=peer.rsplit(":", 1)[0])
                         wire.send(sock, {"ok": True})
                     elif op == "restore":
                         name = str(message["name"])
@@ -530,20 +586,25 @@ class Migrations:
                         finally:
                             if committed:  # from the commit on the container is ours
                                 imported = None
-                        self._unconfirmed(name, peer)
                         wire.send(sock, {"ok": True, "status": status})
                     elif op == "resume":
                         name = str(message["name"])
                         if name != imported:
                             raise Conflict(f"nothing of {name!r} was received")
+                        self._arrived(name)
                         imported = None  # from here on the container is ours
-                        answer = self._start_here(name, bool(message.get("start")))
-                        self._unconfirmed(name, peer)
-                        wire.send(sock, answer)
+                        wire.send(sock, self._start_here(name, bool(message.get("start"))))
+                    elif op == "pages-failed":  # why the page stream of a trip broke
+                        wire.send(sock, {"error": self._pages_failure(str(message["trip"]))})
                     else:
                         wire.send(sock, {"error": f"unknown request {op!r}"})
                 except KamraError as exc:
                     wire.send(sock, {"error": exc.message})
+                except (ssl.SSLError, ConnectionError, wire.WireError):
+                    return  # the connection itself broke
+                except OSError as exc:  # this host's trouble, e.g. a full disk: say so
+                    wire.send(sock, {"error": f"the target could not store what arrived "
+                                              f"({exc.strerror or exc})"})
         finally:
             if trip is not None:
                 self._discard_pages(str(trip))
@@ -553,18 +614,19 @@ class Migrations:
                             peer, imported)
                 self._drop(imported)
 
-    def _unconfirmed(self, name: str, peer: str) -> None:
-        """Until the source says it heard the answer, both hosts show the migration."""
+    def _arrived(self, name: str) -> None:
+        """Restart mode's commit: the container is this host's now (it still shows
+        ``migrating`` until the source says it heard the answer)."""
         with self.host._lock(name):
             record = self.host.store.get(name)
             if record is not None:
-                record.migrating_from = peer.rsplit(":", 1)[0]
+                record.arriving = False
                 self.host.store.update(record)
 
     def _confirmed(self, name: str) -> ContainerRecord | None:
         with self.host._lock(name):
             record = self.host.store.get(name)
-            if record is not None and record.migrating_from:
+            if record is not None and record.migrating_from and not record.arriving:
                 record.migrating_from = None
                 self.host.store.update(record)
             return record
@@ -620,6 +682,26 @@ class Migrations:
                             os.path.join(directory, entry))
         finally:
             incoming.discard()
+
+    def _pages_failure(self, trip: str) -> str:
+        """What the page server of ``trip`` said when it failed (the source's dump
+        only saw the stream break)."""
+        with self._guard:
+            incoming = self._incoming.get(trip)
+        if incoming is None:
+            return "no page stream of that migration is here"
+        try:
+            code = incoming.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return "the page server is still running"
+        errors = log_errors(os.path.join(incoming.directory, "page-server.log"))
+        said = "; ".join(errors) or f"exit status {code}"
+        # A full disk cuts the log short too (it lies beside the pages): say it first.
+        free = shutil.disk_usage(incoming.directory).free
+        if free < 1 << 20:
+            said = (f"No space left on device ({free >> 10} KiB free in "
+                    f"{self.host.layout.run}); its log: {said}")
+        return f"the target's CRIU page server failed: {said}"
 
     def _discard_pages(self, trip: str) -> None:
         with self._guard:
@@ -729,7 +811,7 @@ class Migrations:
                 pass
 
     def _receive(self, sock: ssl.SSLSocket, name: str, pages: str | None,
-                 files: str | None = None) -> str:
+                 files: str | None, source: str) -> str:
         path = os.path.join(self.host.layout.run, f"incoming-{name}-{os.urandom(3).hex()}")
         began = time.perf_counter()
         try:
@@ -742,7 +824,7 @@ class Migrations:
                     base = os.path.join(self._files_dir(str(files)), "upper")
                     if not os.path.isdir(base):
                         raise Conflict(f"the earlier file rounds of {name!r} are missing")
-                self.host.checkpoints._import(name, path, base)
+                self.host.checkpoints._import(name, path, base, arriving_from=source)
                 if pages:
                     try:
                         self._attach_pages(name, str(pages))
@@ -762,7 +844,7 @@ class Migrations:
         """Restore what arrived; once it is restored, stopped, with its network locked,
         say so and wait for the source's commit before letting it run."""
 
-        def before_resume() -> None:
+        def before_resume(record: ContainerRecord) -> None:
             try:
                 wire.send(sock, {"restored": True})
                 sock.settimeout(COMMIT_TIMEOUT)
@@ -776,6 +858,8 @@ class Migrations:
             if message.get("op") != "resume":
                 raise KamraError(f"the source sent {message.get('op')!r}, not the commit")
             committed.append(True)
+            record.arriving = False  # committed: from here on a restarted kamrad keeps it
+            self.host.store.update(record)
 
         return self.host.checkpoints.restore(name, before_resume=before_resume)
 

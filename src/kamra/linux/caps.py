@@ -62,3 +62,13 @@ def bounding_set(pid: int | str = "self") -> set[str]:
                 mask = int(line.split()[1], 16)
                 return {name for name, num in CAPS.items() if mask & (1 << num)}
     return set()
+
+
+def has_cap(cap: int) -> bool:
+    """Whether this process holds capability number ``cap`` in its effective set (some
+    sandboxes withhold a few, e.g. CAP_SYS_RESOURCE, even from root)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    return False

@@ -81,10 +81,15 @@ class FileSender:
 
 
 def recv_file(sock: socket.socket, out: BinaryIO, limit: int) -> int:
+    """Write a file's chunks to ``out``. If writing fails (a full disk), the rest is
+    read and dropped and then the error raised, so the next message is in step."""
     got = 0
+    failed: OSError | None = None
     while True:
         message, payload = recv(sock)
         if message.get("op") == "end":
+            if failed is not None:
+                raise failed
             if message.get("bytes") != got:
                 raise WireError("the file arrived incomplete")
             return got
@@ -93,4 +98,8 @@ def recv_file(sock: socket.socket, out: BinaryIO, limit: int) -> int:
         got += len(payload)
         if got > limit:
             raise WireError(f"the file is larger than {limit} bytes")
-        out.write(payload)
+        if failed is None:
+            try:
+                out.write(payload)
+            except OSError as exc:
+                failed = exc

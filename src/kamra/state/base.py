@@ -30,8 +30,12 @@ class ContainerRecord:
     # The remote a live migration committed to (state "migrating"): the container may
     # run there; only asking that host settles it.
     migrating_to: str | None = None
-    # On the target: the source host's address, until it confirms it heard the answer.
+    # On the target: the source host's address, from the moment the container arrived
+    # until the source confirms it heard the answer (shown as state "migrating").
     migrating_from: str | None = None
+    # On the target: received, but the source has not committed the migration (it may
+    # still resume its own copy): a kamrad that restarts in this window drops it.
+    arriving: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)

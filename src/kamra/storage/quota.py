@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 from kamra.errors import Conflict, KamraError, KernelError, ResourceBusy
 from kamra.linux import libc
+from kamra.linux.caps import has_cap
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -120,14 +121,6 @@ def _run(argv: list[str], what: str) -> subprocess.CompletedProcess:
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise KamraError(f"{what} failed: {detail[-1] if detail else f'exit {result.returncode}'}")
     return result
-
-
-def has_cap(cap: int) -> bool:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> cap & 1)
-    return False
 
 
 # -- loop devices -------------------------------------------------------------------------
