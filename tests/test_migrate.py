@@ -209,7 +209,8 @@ def test_live_migration_there_and_back_keeps_the_tcp_stream(hosts):
         stream.check()
         for root in hosts.roots:  # what the targets logged of the imports
             with open(os.path.join(root, "run", "kamrad.log")) as f:
-                print("".join(line for line in f if "received" in line), end="")
+                print("".join(line for line in f if "received" in line or "restored " in line),
+                      end="")
         print(f"phases there {there['phases_ms']}, back {back['phases_ms']}")
         print(f"kamra's downtime there {there['downtime_ms']} ms, back "
               f"{back['downtime_ms']} ms; the client's longest gap "

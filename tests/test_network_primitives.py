@@ -578,3 +578,30 @@ def test_ipam_parse_address_and_bad_pools():
             ipam.Pool(cidr)
     with pytest.raises(InvalidInput, match="gateway"):
         ipam.Pool("10.0.3.0/24", gateway="10.0.3.255")
+
+
+def test_announce_sends_a_gratuitous_arp_per_ipv4_address(lab):
+    """What a migrated container's neighbours hear: broadcast ARP requests for each
+    IPv4 address, asked and answered by the announcing interface itself."""
+    ns = lab.netns()
+
+    def run() -> list[bytes]:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname="an0", kind="veth", peer="an1")
+            for name in ("an0", "an1"):
+                ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+            index = ipr.link_lookup(ifname="an0")[0]
+            mac = ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806)) as cap:
+            cap.bind(("an1", 0))
+            cap.settimeout(5)
+            link.announce("an0", ["10.99.0.7", "fd99::7", "10.99.0.8"])
+            frames = [cap.recv(100) for _ in range(2)]
+        return [*frames, bytes.fromhex(mac.strip().replace(":", ""))]
+
+    first, second, mac = call(ns, run)
+    for frame, address in ((first, "10.99.0.7"), (second, "10.99.0.8")):
+        ip = socket.inet_aton(address)
+        assert frame[:6] == b"\xff" * 6 and frame[6:12] == mac  # broadcast, from an0
+        assert frame[12:14] == b"\x08\x06" and frame[20:22] == b"\x00\x01"  # ARP request
+        assert frame[22:28] == mac and frame[28:32] == ip and frame[38:42] == ip
