@@ -57,4 +57,12 @@ chmod 755 /usr/local/bin/kamra
 ln -sf "$PWD/.venv/bin/kamrad" /usr/local/bin/kamrad
 # CRIU >= 4.2 (checkpoint/restore), proven with `criu check`; built once and cached if needed.
 "$PY" scripts/install_criu.py
+# CRIU's lazy pages (kamra migrate --lazy) need 4 MiB pipes; root without CAP_SYS_RESOURCE
+# (some sandboxes) gets no pipe above fs.pipe-max-size, 1 MiB by default.
+PIPE_MAX=4194304
+if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt "$PIPE_MAX" ]; then
+    echo "fs.pipe-max-size = $PIPE_MAX" > /etc/sysctl.d/60-kamra.conf
+    echo "$PIPE_MAX" > /proc/sys/fs/pipe-max-size
+    echo "setup: fs.pipe-max-size raised to $PIPE_MAX for CRIU's lazy pages (/etc/sysctl.d/60-kamra.conf)"
+fi
 echo "setup: done (kamra $(.venv/bin/python -c 'import kamra; print(kamra.__version__)'))"

@@ -198,6 +198,19 @@ class Criu:
             pass_fds=(sock,), close_fds=True, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    def lazy_pages(self, images_dir: str, sock: int) -> subprocess.Popen[bytes]:
+        """Start ``criu lazy-pages`` for a restore from ``images_dir`` with lazy pages:
+        it serves the restored tasks' page faults (and then the rest, in the
+        background) with pages it asks for over the connected socket ``sock``, at whose
+        other end the dump's CRIU serves them. It listens for the restore on
+        ``lazy-pages.socket`` in ``images_dir``, logs to ``lazy-pages.log`` there and
+        exits once every page arrived. The caller closes its copy of ``sock``."""
+        return subprocess.Popen(
+            [self.binary, "lazy-pages", "--page-server", "--images-dir", images_dir,
+             "--ps-socket", str(sock), "--log-file", "lazy-pages.log", "-v4"],
+            pass_fds=(sock,), close_fds=True, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def version(self) -> tuple[int, int, int]:
         """(major, minor, sublevel) of the CRIU binary."""
         answer = self._call("VERSION", {"type": rpc.REQ_TYPES["VERSION"]}, (), None, None, 60)

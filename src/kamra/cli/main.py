@@ -226,8 +226,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         help="auto (default): live when CRIU can dump it, else restart, "
                              "saying why; live: never falls back; restart: stop, copy, start")
         mg.add_argument("--lazy", action="store_true",
-                        help="post-copy memory (CRIU lazy pages): refused for now, saying "
-                             "why; see docs/migration.md")
+                        help="post-copy (CRIU lazy pages): the container resumes there "
+                             "first and its memory follows; needs fs.pipe-max-size >= 4 MiB "
+                             "or CAP_SYS_RESOURCE, see docs/migration.md")
         fmt(mg)
     if only in (None, "remote"):
         rm = cmd("remote", "other kamra hosts to migrate to, and listening for them")
@@ -664,6 +665,9 @@ def cmd_migrate(client: Client, a: argparse.Namespace) -> int:
     detail = []
     if data.get("pages_bytes"):
         detail.append(f"{data['pages_bytes'] / 1e6:.1f} MB of memory")
+    if data.get("lazy"):
+        detail.append(f"{data['pages_after_resume_bytes'] / 1e6:.1f} MB of it after the "
+                      f"resume, all there after {data['pages_ms']:.0f} ms")
     if data.get("rounds"):
         detail.append(f"{len(data['rounds'])} file round(s) while running")
     print(f"migrated {a.name} to {a.remote} ({data['mode']}): {data['bytes'] / 1e6:.1f} MB "

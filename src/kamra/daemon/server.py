@@ -190,12 +190,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def migrate_container(self, query: dict, name: str) -> None:
         body = self._body()
-        if body.get("lazy"):
-            from kamra.engine.migrate import lazy_pages_unavailable
-
-            raise InvalidInput(lazy_pages_unavailable())
         remote, mode = _str(body, "remote"), str(body.get("mode") or "auto")
-        self._stream(lambda emit: self.host.migrations.migrate(name, remote, mode, emit))
+        lazy = bool(body.get("lazy"))
+        self._stream(lambda emit: self.host.migrations.migrate(name, remote, mode, emit,
+                                                               lazy=lazy))
 
     def remote_listen(self, query: dict) -> None:
         self._send(200, self.host.listen(_str(self._body(), "address")))

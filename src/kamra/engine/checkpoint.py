@@ -176,11 +176,16 @@ class Checkpoints:
     def _dump(self, record: ContainerRecord, leave_running: bool,
               export: str | None = None,
               post_dump: Callable[[str, dict], None] | None = None,
-              page_server: socket.socket | None = None) -> dict:
+              page_server: socket.socket | None = None, lazy: bool = False) -> dict:
         """CRIU's dump into the checkpoint directory. ``post_dump(images, meta)`` runs
         while the tasks are still frozen; if it raises, CRIU resumes them. With
         ``page_server`` (a connected socket) the memory pages go to the CRIU page server
-        at its other end instead of the directory."""
+        at its other end instead of the directory; with ``lazy`` too, they stay here
+        and, once post-dump returned, CRIU serves them over that socket to a
+        ``criu lazy-pages`` until all went, and only then returns.
+
+        A record whose state post-dump set to "migrating" (a committed migration) is not
+        set back to running when the dump fails afterwards: the caller decides."""
         host = self.host
         name = record.name
         final = self.directory(name)
@@ -201,7 +206,14 @@ class Checkpoints:
             # unasked), so mounting it anew on restore is all CRIU needs to do.
             "enable_fs": ["hugetlbfs"],
         }
-        if page_server is not None:
+        config = None
+        if page_server is not None and lazy:
+            # CRIU's RPC ignores ps.fd with lazy pages; its configuration file does not.
+            config = os.path.join(host.layout.run, f"criu-lazy-{os.urandom(4).hex()}.conf")
+            write_file(config, f"ps-socket {page_server.fileno()}\n")
+            opts["lazy_pages"] = True
+            opts["config_file"] = config
+        elif page_server is not None:
             opts["ps"] = {"fd": page_server.fileno()}
         meta = {"name": name, "created_at": time.time(), "lxcfs": lxcfs, "output": output,
                 "net_mode": host.network.mode(record), "hostname": record.hostname,
@@ -231,7 +243,8 @@ class Checkpoints:
                                     pass_fds=[page_server.fileno()] if page_server else [])
         except CriuError as exc:
             # CRIU resumes the tasks and unlocks the network when a dump fails.
-            self._back_to_running(record)
+            if record.state != "migrating":
+                self._back_to_running(record)
             kept = os.path.join(host.layout.container_dir(name), "dump-failed.log")
             try:
                 os.replace(os.path.join(work, "dump.log"), kept)
@@ -241,11 +254,14 @@ class Checkpoints:
             raise DumpFailed(f"checkpoint of {name!r} failed: {exc.message} (CRIU's log: "
                              f"{kept}); the container keeps running") from None
         except BaseException:
-            self._back_to_running(record)
+            if record.state != "migrating":
+                self._back_to_running(record)
             shutil.rmtree(work, ignore_errors=True)
             raise
         finally:
             os.close(images)
+            if config is not None:
+                os.unlink(config)
         write_file(os.path.join(work, META), json.dumps(meta))
         _replace_dir(work, final)
         if exported:
@@ -260,10 +276,13 @@ class Checkpoints:
 
     # -- restore ------------------------------------------------------------------------
     def restore(self, name: str, *, import_file: str | None = None,
-                before_resume: Callable[[ContainerRecord], None] | None = None) -> dict:
+                before_resume: Callable[[ContainerRecord], None] | None = None,
+                lazy: bool = False) -> dict:
         """Restore the checkpoint. ``before_resume(record)`` runs once the processes
         are restored, still stopped and with the network locked (changes it makes to the
-        record are kept); if it raises, CRIU kills them and the restore is undone (a migration's target waits there for the
+        record are kept); if it raises, CRIU kills them and the restore is undone.
+        ``lazy``: memory comes from the ``criu lazy-pages`` already listening in the
+        checkpoint directory, which is then left for the caller to remove (a migration's target waits there for the
         source's commit)."""
         host = self.host
         with host._lock(name):
@@ -279,14 +298,16 @@ class Checkpoints:
                                f"({self.directory(name)}): boot it afresh with "
                                f"'kamra start {name} --discard-checkpoint'")
             started = time.perf_counter()
-            self._restore_locked(record, meta, before_resume)
-            _remove_later(self.directory(name))  # spent: the next start boots afresh
+            self._restore_locked(record, meta, before_resume, lazy)
+            if not lazy:  # (lazy-pages still reads it)
+                _remove_later(self.directory(name))  # spent: the next start boots afresh
             result = host._status(record)
             result["restore_ms"] = round((time.perf_counter() - started) * 1000, 1)
             return result
 
     def _restore_locked(self, record: ContainerRecord, meta: dict,
-                        before_resume: Callable[[ContainerRecord], None] | None = None) -> None:
+                        before_resume: Callable[[ContainerRecord], None] | None = None,
+                        lazy: bool = False) -> None:
         host = self.host
         name = record.name
         info = host.templates.get(record.template)
@@ -314,7 +335,7 @@ class Checkpoints:
                 networked = host.network.mode(record) != "none"
                 revert.add("remove the network", host.network.teardown, record)
                 reply = self._run_restore(record, directory, rootfs, meta, lxcfs, networked,
-                                          before_resume)
+                                          before_resume, lazy)
                 record.state = "running"
                 record.init_pid = reply["pid"]
                 record.init_start = reply["start"]
@@ -335,7 +356,8 @@ class Checkpoints:
 
     def _run_restore(self, record: ContainerRecord, directory: str, rootfs: str,
                      meta: dict, lxcfs: str | None, networked: bool,
-                     before_resume: Callable[[ContainerRecord], None] | None) -> dict:
+                     before_resume: Callable[[ContainerRecord], None] | None,
+                     lazy: bool = False) -> dict:
         host = self.host
         name = record.name
         opts: dict[str, Any] = {
@@ -352,6 +374,8 @@ class Checkpoints:
         }
         if networked:
             opts["empty_ns"] = libc.CLONE_NEWNET
+        if lazy:
+            opts["lazy_pages"] = True
         images = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             sock = host.keeper.session({

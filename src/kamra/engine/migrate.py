@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -83,8 +84,8 @@ class _Trip:
 LAZY_PIPE = 4 << 20  # the pipe CRIU's lazy pages ask for (PIPE_MAX_SIZE pages, rounded)
 
 
-def lazy_pages_unavailable() -> str:
-    """Why ``--lazy`` is refused here, in one line."""
+def lazy_pages_unavailable() -> str | None:
+    """Why ``--lazy`` cannot work on this host, in one line; None when it can."""
     from kamra.linux.caps import CAPS, has_cap
 
     try:
@@ -96,9 +97,16 @@ def lazy_pages_unavailable() -> str:
         return (f"--lazy (post-copy) is not available here: CRIU's lazy pages need "
                 f"{LAZY_PIPE >> 20} MiB pipes, and without CAP_SYS_RESOURCE "
                 f"fs.pipe-max-size ({pipe_max >> 10} KiB) caps them, so CRIU's page "
-                "transfer fails (see docs/migration.md); migrate without it")
-    return ("--lazy (post-copy) is not available yet: kamra does not drive CRIU's lazy "
-            "pages (see docs/migration.md); migrate without it")
+                f"transfer fails; raise it (sysctl fs.pipe-max-size={LAZY_PIPE}, as "
+                "'make setup' does) or migrate without --lazy")
+    try:
+        features = Criu(criu_binary()).features()
+    except KamraError as exc:
+        return f"--lazy (post-copy) is not available here: {exc.message}"
+    if not features.get("lazy_pages"):
+        return ("--lazy (post-copy) is not available here: CRIU finds no usable "
+                "userfaultfd in this kernel; migrate without --lazy")
+    return None
 
 
 class RemoteRefused(KamraError):
@@ -160,9 +168,14 @@ class Migrations:
 
     # -- source -------------------------------------------------------------------------
     def migrate(self, name: str, remote_name: str, mode: str = "auto",
-                progress: Progress | None = None) -> dict:
+                progress: Progress | None = None, lazy: bool = False) -> dict:
         if mode not in MODES:
             raise InvalidInput(f"unknown mode {mode!r}: use auto, live or restart")
+        if lazy and mode == "restart":
+            raise InvalidInput("--lazy moves memory after the container resumed there: it "
+                               "needs live migration (--mode live or auto)")
+        if lazy and (why := lazy_pages_unavailable()):
+            raise InvalidInput(why)
         host = self.host
         remote = self.remotes.get(remote_name)
         began = time.perf_counter()
@@ -173,7 +186,7 @@ class Migrations:
             if record.state not in ("running", "stopped"):
                 raise Conflict(f"container {name!r} is {record.state}: only a running or "
                                "stopped container can migrate")
-            if mode == "live" and record.state != "running":
+            if (mode == "live" or lazy) and record.state != "running":
                 raise Conflict(f"container {name!r} is not running: live migration needs "
                                "a running container (use --mode restart)")
             emit(progress, "check", message=remote_name)
@@ -187,7 +200,8 @@ class Migrations:
                 result: dict[str, Any] | None = None
                 if record.state == "running" and mode in ("auto", "live"):
                     try:
-                        result = self._live(record, trip)
+                        result = self._live_lazy(record, trip) if lazy else \
+                            self._live(record, trip)
                     except _NotDumpable as exc:
                         if mode == "live":
                             raise KamraError(f"live migration of {name!r} is not possible: "
@@ -365,12 +379,129 @@ class Migrations:
                 "rounds": trip.rounds,
                 "status": reply.get("status") or {}}
 
-    def _open_pages(self, trip: _Trip, name: str) -> ssl.SSLSocket:
+    def _live_lazy(self, record: ContainerRecord, trip: _Trip) -> dict:
+        """Post-copy: the target resumes the container before its memory arrived and
+        pulls the pages (those faulted on first, then the rest in the background) from
+        the source's CRIU over the page connection. The commit comes before the restore
+        there, as the restore already faults on pages, which CRIU serves only once its
+        post-dump returned. From the commit on the memory exists only here until it
+        went: a failure then leaves the container 'migrating' (see docs/migration.md)."""
+        host = self.host
+        name = record.name
+        try:
+            host.checkpoints._check_dumpable(record)
+        except Conflict as exc:
+            raise _NotDumpable(exc.message) from None
+        outcome: dict[str, Any] = {}
+        marks: list[tuple[str, float]] = []
+        answered = threading.Event()
+        streamed = [0]  # page bytes relayed so far
+
+        def wait_answer() -> None:
+            try:
+                outcome["reply"], _ = wire.recv(trip.sock)
+            except (OSError, wire.WireError) as exc:
+                outcome["lost"] = str(exc) or type(exc).__name__
+            outcome["pages_at_answer"] = streamed[0]
+            marks.append(("restore", time.perf_counter()))
+            answered.set()
+
+        def post_dump(images: str, meta: dict) -> None:
+            # Frozen, the network locked; the memory stays here, in CRIU's pipes.
+            marks.append(("dump", time.perf_counter()))
+            outcome["bytes"] = self._send_archive(trip, record, meta, images, pages=False)
+            marks.append(("send", time.perf_counter()))
+            record.state, record.migrating_to = "migrating", trip.remote
+            host.store.update(record)
+            host.store.sync()  # the commit: from here on this host never resumes it
+            emit(trip.progress, "restore", message=trip.remote)
+            try:
+                wire.send(trip.sock, {"op": "restore", "name": name, "lazy": True})
+            except OSError as exc:  # it never heard of the commit: undo it
+                record.state, record.migrating_to = "checkpointing", None
+                host.store.update(record)
+                host.store.sync()
+                raise KamraError(f"{trip.remote} went away before restoring: {exc}") \
+                    from None
+            threading.Thread(target=wait_answer, name="kamra-answer", daemon=True).start()
+
+        self._precopy(trip, record)
+        pages = self._open_pages(trip, name, lazy=True)
+        local, for_criu = socket_pair()
+        relayed: list[Relayed] = []
+
+        def on_pages(sent: int) -> None:
+            if sent - streamed[0] >= 4 << 20 or not streamed[0]:
+                emit(trip.progress, "pages", sent, message=name)
+            streamed[0] = sent
+
+        relaying = threading.Thread(
+            target=lambda: relayed.append(relay(pages, local, on_pages)),
+            name="kamra-pages", daemon=True)
+        relaying.start()
+        frozen = time.perf_counter()
+        emit(trip.progress, "dump", message=name)
+        failed: DumpFailed | None = None
+        try:
+            host.checkpoints._dump(record, False, post_dump=post_dump, page_server=for_criu,
+                                   lazy=True)
+        except DumpFailed as exc:
+            failed = exc
+        finally:
+            for_criu.close()
+            relaying.join(30)
+            pages.close()
+            local.close()
+        transferred = time.perf_counter()
+        if record.state != "migrating":  # failed before the commit: it runs here again
+            assert failed is not None
+            if relayed and relayed[0].cut and "page-xfer" in failed.message:
+                raise KamraError(f"the memory of {name!r} could not reach {trip.remote} "
+                                 "(the connection broke); it keeps running here")
+            raise _NotDumpable(failed.message)
+        answered.wait(COMMIT_TIMEOUT)
+        if failed is not None:
+            # CRIU resumes its tasks when the transfer fails: the target may run them.
+            self._end_tasks_here(record)
+        else:
+            host.wait_exit(name, record.init_pid, 10)
+        host._finish_stop(record, {"status": None, "code": None, "signal": None,
+                                   "reason": f"migrated to {trip.remote}"}, state="migrating")
+        reply = outcome.get("reply")
+        if failed is not None or reply is None or "error" in reply:
+            why = (failed.message if failed is not None else
+                   (reply or {}).get("error") or outcome.get("lost") or "no answer")
+            raise KamraError(f"the lazy migration of {name!r} to {trip.remote} failed after "
+                             f"the commit ({why}); it stays 'migrating' here until 'kamra "
+                             f"migrate {name} {trip.remote}' settles it")
+        self._confirm(trip, name)
+        self._forget(record)
+        pages_bytes = relayed[0].sent if relayed else 0
+        phases, last = {}, frozen
+        for phase, at in marks:
+            phases[phase] = round((at - last) * 1000, 1)
+            last = at
+        downtime = (marks[-1][1] - frozen) * 1000
+        files_bytes = sum(r["bytes"] for r in trip.rounds)
+        return {"mode": "live", "lazy": True,
+                "bytes": outcome.get("bytes", 0) + pages_bytes + files_bytes,
+                "pages_bytes": pages_bytes,
+                "pages_after_resume_bytes": pages_bytes - outcome.get("pages_at_answer", 0),
+                "pages_ms": round((transferred - frozen) * 1000, 1),
+                "downtime_ms": round(downtime, 1), "phases_ms": phases,
+                "rounds": trip.rounds, "status": reply.get("status") or {}}
+
+    def _end_tasks_here(self, record: ContainerRecord) -> None:
+        if record.init_pid and proc.alive(record.init_pid, record.init_start):
+            os.kill(record.init_pid, signal.SIGKILL)
+            self.host.wait_exit(record.name, record.init_pid, 10)
+
+    def _open_pages(self, trip: _Trip, name: str, lazy: bool = False) -> ssl.SSLSocket:
         """A second connection for CRIU's page stream: the target starts its page server
-        behind it."""
+        behind it (lazy: its lazy-pages daemon, once the images arrived)."""
         sock = self.connect(self.remotes.get(trip.remote))
         try:
-            _ask(sock, {"op": "pages", "name": name, "trip": trip.id})
+            _ask(sock, {"op": "pages", "name": name, "trip": trip.id, "lazy": lazy})
         except BaseException:
             sock.close()
             raise
@@ -550,7 +681,8 @@ class Migrations:
                 op = message.get("op")
                 try:
                     if op == "pages":
-                        self._serve_pages(sock, str(message["name"]), str(message["trip"]))
+                        self._serve_pages(sock, str(message["name"]), str(message["trip"]),
+                                          bool(message.get("lazy")))
                         return
                     if op == "has":  # a source settling a migration it did not hear end
                         found = self._confirmed(str(message["name"]))
@@ -576,6 +708,14 @@ class Migrations:
                                                  message.get("pages"), message.get("files"),
                                                  source=peer.rsplit(":", 1)[0])
                         wire.send(sock, {"ok": True})
+                    elif op == "restore" and message.get("lazy"):
+                        name = str(message["name"])
+                        if name != imported or trip is None:
+                            raise Conflict(f"nothing of {name!r} was received")
+                        self._arrived(name)  # the source committed before asking
+                        imported = None
+                        wire.send(sock, {"ok": True,
+                                         "status": self._restore_lazy(name, str(trip))})
                     elif op == "restore":
                         name = str(message["name"])
                         if name != imported:
@@ -631,26 +771,31 @@ class Migrations:
                 self.host.store.update(record)
             return record
 
-    def _serve_pages(self, sock: ssl.SSLSocket, name: str, trip: str) -> None:
+    def _serve_pages(self, sock: ssl.SSLSocket, name: str, trip: str,
+                     lazy: bool = False) -> None:
         """A CRIU page server whose socket is relayed over this connection: the pages
-        of a live migration land in a staging directory until the archive comes."""
+        of a live migration land in a staging directory until the archive comes.
+        ``lazy``: the socket waits for the lazy-pages daemon a lazy restore starts."""
         from kamra.names import check_name
 
         check_name(name)
         if not trip.isalnum() or len(trip) > 32:
             raise InvalidInput("bad migration id")
-        directory = os.path.join(self.host.layout.run, f"incoming-pages-{trip}")
-        os.makedirs(directory, 0o700)
         local, for_criu = socket_pair()
-        try:
-            proc = Criu(criu_binary()).page_server(directory, for_criu.fileno())
-        except BaseException:
-            local.close()
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
-        finally:
+        if lazy:
+            incoming = _IncomingPages(None, None, for_criu)
+        else:
+            directory = os.path.join(self.host.layout.run, f"incoming-pages-{trip}")
+            os.makedirs(directory, 0o700)
+            try:
+                proc = Criu(criu_binary()).page_server(directory, for_criu.fileno())
+            except BaseException:
+                local.close()
+                for_criu.close()
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
             for_criu.close()
-        incoming = _IncomingPages(directory, proc)
+            incoming = _IncomingPages(directory, proc)
         with self._guard:
             self._incoming[trip] = incoming
         try:
@@ -661,11 +806,54 @@ class Migrations:
         finally:
             local.close()  # a page server still waiting reads the end and exits
 
+    def _restore_lazy(self, name: str, trip: str) -> dict:
+        """Restore with CRIU's lazy pages: a lazy-pages daemon on the page connection
+        fetches the memory from the source while (and after) the tasks run."""
+        with self._guard:
+            incoming = self._incoming.pop(trip, None)
+        if incoming is None or incoming.criu_end is None:
+            raise Conflict(f"no page connection of {name!r} is open")
+        directory = self.host.checkpoints.directory(name)
+        try:
+            daemon = Criu(criu_binary()).lazy_pages(directory, incoming.criu_end.fileno())
+        finally:
+            incoming.discard()  # our copy of CRIU's end: the daemon holds its own
+        listening = os.path.join(directory, "lazy-pages.socket")
+        deadline = time.monotonic() + 10
+        while not os.path.exists(listening) and daemon.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.002)
+        try:
+            if not os.path.exists(listening):
+                raise KamraError("CRIU's lazy-pages daemon did not start: " + "; ".join(
+                    log_errors(os.path.join(directory, "lazy-pages.log")) or ["no socket"]))
+            status = self.host.checkpoints.restore(name, lazy=True)
+        except BaseException:
+            if daemon.poll() is None:
+                daemon.kill()
+            daemon.wait()
+            raise
+        threading.Thread(target=self._lazy_done, args=(name, daemon, directory),
+                         name="kamra-lazy-pages", daemon=True).start()
+        return status
+
+    @staticmethod
+    def _lazy_done(name: str, daemon: subprocess.Popen[bytes], directory: str) -> None:
+        """The lazy-pages daemon exits once every page arrived (or the source is gone:
+        then the tasks that fault on a missing page die)."""
+        code = daemon.wait()
+        if code == 0:
+            log.info("lazy pages of %s: all arrived", name)
+        else:
+            log.error("lazy pages of %s failed: %s", name, "; ".join(
+                log_errors(os.path.join(directory, "lazy-pages.log"))) or f"exit {code}")
+        shutil.rmtree(directory, ignore_errors=True)  # the spent checkpoint
+
     def _attach_pages(self, name: str, trip: str) -> None:
         """Put the pages the page server wrote next to the checkpoint's other images."""
         with self._guard:
             incoming = self._incoming.pop(trip, None)
-        if incoming is None:
+        if incoming is None or incoming.proc is None or incoming.directory is None:
             raise Conflict(f"no memory pages of {name!r} arrived")
         try:
             try:
@@ -688,7 +876,7 @@ class Migrations:
         only saw the stream break)."""
         with self._guard:
             incoming = self._incoming.get(trip)
-        if incoming is None:
+        if incoming is None or incoming.proc is None or incoming.directory is None:
             return "no page stream of that migration is here"
         try:
             code = incoming.proc.wait(5)
@@ -888,17 +1076,24 @@ class Migrations:
 
 
 class _IncomingPages:
-    """A page server receiving one live migration's memory (see ``_serve_pages``)."""
+    """A page server receiving one live migration's memory, or (lazy) CRIU's end of
+    the page connection kept for the lazy-pages daemon (see ``_serve_pages``)."""
 
-    def __init__(self, directory: str, proc: subprocess.Popen[bytes]):
+    def __init__(self, directory: str | None, proc: subprocess.Popen[bytes] | None,
+                 criu_end: socket.socket | None = None):
         self.directory = directory
         self.proc = proc
+        self.criu_end = criu_end
 
     def discard(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.criu_end is not None:
+            self.criu_end.close()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class _NotDumpable(Exception):
