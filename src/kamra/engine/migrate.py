@@ -492,9 +492,10 @@ class Migrations:
                 "rounds": trip.rounds, "status": reply.get("status") or {}}
 
     def _end_tasks_here(self, record: ContainerRecord) -> None:
-        if record.init_pid and proc.alive(record.init_pid, record.init_start):
-            os.kill(record.init_pid, signal.SIGKILL)
-            self.host.wait_exit(record.name, record.init_pid, 10)
+        """A lazy transfer that failed after the commit: CRIU resumed the tasks here (with
+        the network still locked); the target may run them, so they end at once."""
+        self.host.cgroups.kill(record.name)
+        self.host.wait_exit(record.name, record.init_pid, 10)
 
     def _open_pages(self, trip: _Trip, name: str, lazy: bool = False) -> ssl.SSLSocket:
         """A second connection for CRIU's page stream: the target starts its page server
