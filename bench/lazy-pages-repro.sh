@@ -4,8 +4,9 @@
 # and serves it), a lazy-pages daemon pulls from it and the restore runs with
 # --lazy-pages, all over loopback in a private network namespace.
 #
-#   run as root:  unshare -n sh bench/lazy-pages-repro.sh
+#   run as root:  unshare -n env PIPE_MAX=1048576 sh bench/lazy-pages-repro.sh
 #                 unshare -n env PIPE_MAX=4194304 sh bench/lazy-pages-repro.sh
+#   (without PIPE_MAX it runs with the sysctl as it is; make setup raises it to 4 MiB)
 #
 # Seen with CRIU 4.2.1 on kernel 6.18, as root without CAP_SYS_RESOURCE and with
 # fs.pipe-max-size at its default 1 MiB: the source logs "page-pipe: tee: 65536:
