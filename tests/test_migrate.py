@@ -359,6 +359,8 @@ class FakeTarget(threading.Thread):
                         wire.send(sock, {"state": None})  # it never got the container
                     elif op == "pages-failed":  # it knows nothing of its page server
                         wire.send(sock, {"error": "unknown request 'pages-failed'"})
+                    elif op == "pages-resume":  # nor of the stream it cut
+                        wire.send(sock, {"error": "no page stream of that migration"})
             except (OSError, wire.WireError):
                 pass
 
@@ -538,6 +540,55 @@ class FakeSource:
         assert self.page_servers() == []
         assert b.json("list") == []
         assert self.staged() == []
+
+
+def test_a_lazy_page_stream_cut_while_it_runs_there_pauses_and_goes_on(hosts):
+    """B runs the container while 512 MB of its memory still comes; then B's kamra port
+    resets every connection for 2 s. The page stream breaks, A connects again until it
+    can, both sides resend what the other lacked, and the memory arrives: the holder
+    and the client's stream go on."""
+    import json
+
+    hosts.pair()
+    a, b = hosts.cli_a, hosts.cli_b
+    name, _, stream = streaming_container(a, hosts.client)
+    cut = "kamra-test-cut"
+    try:
+        hold_memory(a, name, 512)
+        stream.more()
+        result: dict = {}
+        mover = threading.Thread(target=lambda: result.update(
+            moved=a.run("migrate", name, "b", "--lazy", "--format", "json", timeout=240)))
+        mover.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and mover.is_alive():
+            status = b.run("status", name, "--format", "json")
+            if status.returncode == 0 and json.loads(status.stdout)["running"]:
+                break
+            time.sleep(0.02)
+        ns_run(hosts.b, ["nft", "add", "table", "inet", cut])
+        try:
+            ns_run(hosts.b, ["nft", "add", "chain", "inet", cut, "input",
+                             "{ type filter hook input priority 0 ; }"])
+            ns_run(hosts.b, ["nft", "add", "rule", "inet", cut, "input", "tcp", "dport",
+                             "8443", "reject", "with", "tcp", "reset"])
+            time.sleep(2)
+        finally:
+            ns_run(hosts.b, ["nft", "delete", "table", "inet", cut])
+        mover.join(240)
+        moved = result["moved"]
+        assert moved.returncode == 0, moved.stderr
+        data = json.loads(moved.stdout)
+        assert data["lazy"] and data["page_stream_cuts"] >= 1, data
+        assert data["pages_bytes"] >= 512 << 20, data
+        print(f"lazy with a cut: downtime {data['downtime_ms']} ms, memory all there after "
+              f"{data['pages_ms']} ms, {data['page_stream_cuts']} cut(s)")
+        assert b.run("exec", name, "--", "pidof", "dd").returncode == 0
+        stream.more()
+        stream.check()
+    finally:
+        ns_run(hosts.b, ["nft", "delete", "table", "inet", cut], check=False)
+        stream.close()
 
 
 def test_a_lazy_page_stream_cut_after_the_commit_leaves_it_migrating(hosts):

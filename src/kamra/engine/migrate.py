@@ -19,6 +19,11 @@ Authenticated TLS connections (kamra.remote) carry everything; the source drives
            frozen tasks are killed (post-dump returns) and its copy removed; ``done``
            tells the target the answer arrived. Restart mode starts it instead.
 
+With ``--lazy`` (post-copy) the dump keeps the pages and the order changes: after
+``send`` the source commits, then asks for ``restore`` with lazy pages; the target
+starts ``criu lazy-pages`` on its end of the page connection, which fetches the pages
+from the source's CRIU while the container runs there (see ``_live_lazy``).
+
 Exactly one host runs the container. Before the commit any failure makes the source's
 CRIU resume its frozen tasks (a post-dump that raises), the target's CRIU kill what it
 restored (a post-restore that fails), and the target drop what it received when the
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -50,6 +56,7 @@ from kamra.errors import AlreadyExists, Conflict, InvalidInput, KamraError
 from kamra.linux import proc
 from kamra.remote import tls, wire
 from kamra.remote.relay import Relayed, relay, socket_pair
+from kamra.remote.resumable import Stream
 from kamra.remote.store import RemoteStore, parse_address
 from kamra.templates.model import Progress, emit
 
@@ -67,6 +74,7 @@ ROUND_SMALL = 1 << 20  # a round this small leaves the rest to the final one...
 ROUND_QUICK = 0.5  # ...as does one this quick (seconds)
 CTIME_SLACK = 1.0  # seconds a round starts before its mark (coarse change times)
 COMMIT_TIMEOUT = 60.0  # seconds a restored target waits, stopped, for the source's commit
+RESUME_FOR = 60.0  # seconds a broken lazy page stream is tried again before it is given up
 
 
 @dataclass
@@ -133,6 +141,7 @@ class Migrations:
         self.remotes = RemoteStore(host.layout.root)
         self._guard = threading.Lock()
         self._incoming: dict[str, _IncomingPages] = {}  # by migration id
+        self._streams: dict[str, _PageStream] = {}  # lazy page streams, by migration id
 
     # -- remotes ------------------------------------------------------------------------
     def connect(self, remote: dict) -> ssl.SSLSocket:
@@ -385,7 +394,9 @@ class Migrations:
         the source's CRIU over the page connection. The commit comes before the restore
         there, as the restore already faults on pages, which CRIU serves only once its
         post-dump returned. From the commit on the memory exists only here until it
-        went: a failure then leaves the container 'migrating' (see docs/migration.md)."""
+        went: a cut of the page connection pauses the transfer until the source has
+        connected again (``kamra.remote.resumable``); a failure it cannot bridge leaves
+        the container 'migrating' (see docs/migration.md)."""
         host = self.host
         name = record.name
         try:
@@ -407,6 +418,15 @@ class Migrations:
             answered.set()
 
         def post_dump(images: str, meta: dict) -> None:
+            try:
+                commit_and_restore(images, meta)
+            except BaseException:
+                if record.state != "migrating":
+                    # CRIU serves lazy pages even after a failed post-dump: end that.
+                    _break(pages)
+                raise
+
+        def commit_and_restore(images: str, meta: dict) -> None:
             # Frozen, the network locked; the memory stays here, in CRIU's pipes.
             marks.append(("dump", time.perf_counter()))
             outcome["bytes"] = self._send_archive(trip, record, meta, images, pages=False)
@@ -435,8 +455,39 @@ class Migrations:
                 emit(trip.progress, "pages", sent, message=name)
             streamed[0] = sent
 
+        def renew(received: int) -> tuple[ssl.SSLSocket, int] | None:
+            """The page connection broke: connect again and go on where it stopped."""
+            if record.state != "migrating":
+                return None  # not committed: the container goes on here, no pages needed
+            deadline = time.monotonic() + RESUME_FOR
+            while time.monotonic() < deadline:
+                try:
+                    sock = self.connect(self.remotes.get(trip.remote))
+                except KamraError as exc:
+                    log.warning("reconnecting the page stream of %s: %s", name, exc.message)
+                    time.sleep(1)
+                    continue
+                try:
+                    sock.settimeout(10)
+                    reply = _ask(sock, {"op": "pages-resume", "trip": trip.id,
+                                        "received": received})
+                    sock.settimeout(OPERATION_TIMEOUT)
+                    log.info("the page stream of %s goes on", name)
+                    return sock, int(reply["received"])
+                except RemoteRefused as exc:  # it has no such stream (any more)
+                    sock.close()
+                    log.warning("%s cannot resume the page stream of %s: %s", trip.remote,
+                                name, exc.message)
+                    return None
+                except KamraError as exc:
+                    sock.close()
+                    log.warning("resuming the page stream of %s: %s", name, exc.message)
+                    time.sleep(1)
+            return None
+
+        stream = Stream(local, on_pages)
         relaying = threading.Thread(
-            target=lambda: relayed.append(relay(pages, local, on_pages)),
+            target=lambda: relayed.append(stream.run(pages, renew)),
             name="kamra-pages", daemon=True)
         relaying.start()
         frozen = time.perf_counter()
@@ -483,7 +534,7 @@ class Migrations:
             last = at
         downtime = (marks[-1][1] - frozen) * 1000
         files_bytes = sum(r["bytes"] for r in trip.rounds)
-        return {"mode": "live", "lazy": True,
+        return {"mode": "live", "lazy": True, "page_stream_cuts": stream.cuts,
                 "bytes": outcome.get("bytes", 0) + pages_bytes + files_bytes,
                 "pages_bytes": pages_bytes,
                 "pages_after_resume_bytes": pages_bytes - outcome.get("pages_at_answer", 0),
@@ -600,10 +651,17 @@ class Migrations:
                 "total_ms": round((time.perf_counter() - began) * 1000, 1)}
 
     def _confirm(self, trip: _Trip, name: str) -> None:
-        """Tell the target its answer arrived (it stops showing the migration)."""
+        """Tell the target its answer arrived (it stops showing the migration); over a
+        new connection if this one broke meanwhile (a lazy migration takes a while)."""
         try:
             wire.send(trip.sock, {"op": "done", "name": name})
-        except (OSError, wire.WireError) as exc:
+            return
+        except (OSError, wire.WireError):
+            pass
+        try:
+            with self.connect(self.remotes.get(trip.remote)) as sock:
+                wire.send(sock, {"op": "done", "name": name})
+        except (KamraError, OSError, wire.WireError) as exc:
             log.warning("telling %s that %s arrived: %s", trip.remote, name, exc)
 
     def cleanup_incoming(self) -> list[str]:
@@ -684,6 +742,10 @@ class Migrations:
                     if op == "pages":
                         self._serve_pages(sock, str(message["name"]), str(message["trip"]),
                                           bool(message.get("lazy")))
+                        return
+                    if op == "pages-resume":  # a lazy page stream broke: its new link
+                        self._resume_pages(sock, str(message["trip"]),
+                                           int(message["received"]))
                         return
                     if op == "has":  # a source settling a migration it did not hear end
                         found = self._confirmed(str(message["name"]))
@@ -784,19 +846,19 @@ class Migrations:
             raise InvalidInput("bad migration id")
         local, for_criu = socket_pair()
         if lazy:
-            incoming = _IncomingPages(None, None, for_criu)
-        else:
-            directory = os.path.join(self.host.layout.run, f"incoming-pages-{trip}")
-            os.makedirs(directory, 0o700)
-            try:
-                proc = Criu(criu_binary()).page_server(directory, for_criu.fileno())
-            except BaseException:
-                local.close()
-                for_criu.close()
-                shutil.rmtree(directory, ignore_errors=True)
-                raise
+            self._serve_lazy_pages(sock, trip, local, for_criu)
+            return
+        directory = os.path.join(self.host.layout.run, f"incoming-pages-{trip}")
+        os.makedirs(directory, 0o700)
+        try:
+            proc = Criu(criu_binary()).page_server(directory, for_criu.fileno())
+        except BaseException:
+            local.close()
             for_criu.close()
-            incoming = _IncomingPages(directory, proc)
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        for_criu.close()
+        incoming = _IncomingPages(directory, proc)
         with self._guard:
             self._incoming[trip] = incoming
         try:
@@ -806,6 +868,40 @@ class Migrations:
             log.warning("the page stream of %s broke: %s", name, exc)
         finally:
             local.close()  # a page server still waiting reads the end and exits
+
+    def _serve_lazy_pages(self, sock: ssl.SSLSocket, trip: str, local: socket.socket,
+                          for_criu: socket.socket) -> None:
+        """The page connection of a lazy migration: its CRIU end waits for the
+        lazy-pages daemon; the stream survives the connection (see _resume_pages)."""
+        entry = _PageStream(Stream(local))
+        with self._guard:
+            self._incoming[trip] = _IncomingPages(None, None, for_criu)
+            self._streams[trip] = entry
+        try:
+            wire.send(sock, {"ok": True})
+            entry.stream.run(sock, entry.renew)
+        finally:
+            local.close()  # the daemon, if still there, reads the end
+            with self._guard:
+                self._streams.pop(trip, None)
+            entry.release()
+
+    def _resume_pages(self, sock: ssl.SSLSocket, trip: str, received: int) -> None:
+        """A new connection for a lazy page stream that broke: say how much arrived
+        here, then lend the connection to the stream until it ends or breaks again."""
+        with self._guard:
+            entry = self._streams.get(trip)
+        if entry is None:
+            raise Conflict("no page stream of that migration is here")
+        current = entry.stream.current
+        if current is not None:  # this side may not have seen the break yet
+            _break(current)
+        if not entry.waiting.wait(10):
+            raise KamraError("the page stream did not let go of its old connection")
+        released = threading.Event()
+        wire.send(sock, {"received": entry.stream.received})
+        entry.offers.put((sock, received, released))
+        released.wait()
 
     def _restore_lazy(self, name: str, trip: str) -> dict:
         """Restore with CRIU's lazy pages: a lazy-pages daemon on the page connection
@@ -1074,6 +1170,42 @@ class Migrations:
             self.host.destroy(name, force=True)
         except KamraError as exc:
             log.warning("dropping %s: %s", name, exc.message)
+
+
+def _break(sock: socket.socket) -> None:
+    """End a TLS connection another thread uses, without touching its TLS state (which
+    ``SSLSocket.shutdown`` would drop under that thread)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _PageStream:
+    """The target's end of a lazy page stream: replacement connections arrive through
+    ``offers`` while the stream ``waiting`` for one."""
+
+    def __init__(self, stream: Stream):
+        self.stream = stream
+        self.offers: queue.Queue[tuple[ssl.SSLSocket, int, threading.Event]] = queue.Queue()
+        self.waiting = threading.Event()
+        self.released: threading.Event | None = None  # lets the lender of a link return
+
+    def renew(self, received: int) -> tuple[ssl.SSLSocket, int] | None:
+        self.release()
+        self.waiting.set()
+        try:
+            sock, peer_received, released = self.offers.get(timeout=RESUME_FOR)
+        except queue.Empty:
+            return None
+        self.waiting.clear()
+        self.released = released
+        return sock, peer_received
+
+    def release(self) -> None:
+        if self.released is not None:
+            self.released.set()
+            self.released = None
 
 
 class _IncomingPages:
