@@ -427,6 +427,16 @@ def test_a_cut_before_the_commit_resumes_the_container_here(hosts, cut):
         fake.close()
 
 
+def kept_file_container_for_the_fake(a: Cli) -> str:
+    """The fake target added as remote b, and a running container with /root/file."""
+    a.run("remote", "add", "b", B_ADDR, "--token", "any", check=True)
+    name = unique()
+    a.run("create", name, "--template", "busybox", check=True)
+    a.run("start", name, check=True)
+    a.run("exec", name, "--", "sh", "-c", "echo kept > /root/file", check=True)
+    return name
+
+
 @pytest.mark.parametrize("settle", ["ask", "restart"])
 def test_a_lost_answer_after_the_commit_leaves_it_migrating_until_settled(hosts, settle):
     """The target hangs up after reading the commit: the source's tasks are gone (the
@@ -436,11 +446,7 @@ def test_a_lost_answer_after_the_commit_leaves_it_migrating_until_settled(hosts,
     fake = FakeTarget(hosts, "resume")
     try:
         a = hosts.cli_a
-        a.run("remote", "add", "b", B_ADDR, "--token", "any", check=True)
-        name = unique()
-        a.run("create", name, "--template", "busybox", check=True)
-        a.run("start", name, check=True)
-        a.run("exec", name, "--", "sh", "-c", "echo kept > /root/file", check=True)
+        name = kept_file_container_for_the_fake(a)
         pid = a.json("status", name)["init_pid"]
         lost = a.run("migrate", name, "b")
         assert lost.returncode != 0 and "migrating" in lost.stderr, lost.stderr
@@ -599,11 +605,7 @@ def test_a_lazy_page_stream_cut_after_the_commit_leaves_it_migrating(hosts):
     fake = FakeTarget(hosts, "lazy")
     try:
         a = hosts.cli_a
-        a.run("remote", "add", "b", B_ADDR, "--token", "any", check=True)
-        name = unique()
-        a.run("create", name, "--template", "busybox", check=True)
-        a.run("start", name, check=True)
-        a.run("exec", name, "--", "sh", "-c", "echo kept > /root/file", check=True)
+        name = kept_file_container_for_the_fake(a)
         hold_memory(a, name, 16)
         pid = a.json("status", name)["init_pid"]
         lost = a.run("migrate", name, "b", "--lazy")

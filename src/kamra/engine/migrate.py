@@ -294,13 +294,51 @@ class Migrations:
                      f"sending template {name!r} failed",
                      f"the target refused template {name!r}: ")
 
+    def _dumpable(self, record: ContainerRecord) -> None:
+        try:
+            self.host.checkpoints._check_dumpable(record)
+        except Conflict as exc:
+            raise _NotDumpable(exc.message) from None
+
+    def _failed_before_commit(self, trip: _Trip, name: str, failed: DumpFailed,
+                              relayed: list[Relayed]) -> KamraError:
+        """What to say of a dump that failed before the commit (the container runs on
+        here): a broken page stream is not the container's fault (no fallback to
+        restart mode); anything else is CRIU's reason it cannot be dumped."""
+        if not (relayed and relayed[0].cut and "page-xfer" in failed.message):
+            return _NotDumpable(failed.message)
+        why = "the connection broke"
+        try:  # the target's page server may have failed (a full disk)
+            trip.sock.settimeout(10)
+            _ask(trip.sock, {"op": "pages-failed", "trip": trip.id})
+        except RemoteRefused as exc:
+            why = exc.message
+        except KamraError:
+            pass
+        return KamraError(f"the memory of {name!r} could not reach {trip.remote} ({why}); "
+                          "it keeps running here")
+
+    @staticmethod
+    def _result(trip: _Trip, outcome: dict, relayed: list[Relayed], frozen: float,
+                marks: list[tuple[str, float]], **extra: Any) -> dict:
+        """A live migration's result: bytes, downtime (freeze to the target's answer)
+        and its phases."""
+        pages_bytes = relayed[0].sent if relayed else 0
+        phases, last = {}, frozen
+        for phase, at in marks:
+            phases[phase] = round((at - last) * 1000, 1)
+            last = at
+        files_bytes = sum(r["bytes"] for r in trip.rounds)
+        return {"mode": "live", **extra,
+                "bytes": outcome.get("bytes", 0) + pages_bytes + files_bytes,
+                "pages_bytes": pages_bytes, "downtime_ms": round((last - frozen) * 1000, 1),
+                "phases_ms": phases, "rounds": trip.rounds,
+                "status": (outcome.get("reply") or {}).get("status") or {}}
+
     def _live(self, record: ContainerRecord, trip: _Trip) -> dict:
         host = self.host
         name = record.name
-        try:
-            host.checkpoints._check_dumpable(record)
-        except Conflict as exc:
-            raise _NotDumpable(exc.message) from None
+        self._dumpable(record)
         outcome: dict[str, Any] = {}
 
         marks: list[tuple[str, float]] = []
@@ -317,8 +355,6 @@ class Migrations:
 
         self._precopy(trip, record)
         pages = self._open_pages(trip, name)
-        local, for_criu = socket_pair()
-        relayed: list[Relayed] = []
         reported = [0]
 
         def on_pages(sent: int) -> None:  # every few MB: the tasks are frozen meanwhile
@@ -326,43 +362,15 @@ class Migrations:
                 reported[0] = sent
                 emit(trip.progress, "pages", sent, message=name)
 
-        relaying = threading.Thread(
-            target=lambda: relayed.append(relay(pages, local, on_pages)),
-            name="kamra-pages", daemon=True)
-        relaying.start()
-        frozen = time.perf_counter()
-        emit(trip.progress, "dump", message=name)
-        failed: DumpFailed | None = None
-        try:
-            host.checkpoints._dump(record, False, post_dump=post_dump, page_server=for_criu)
-        except DumpFailed as exc:
-            failed = exc
-        finally:
-            for_criu.close()  # criu is gone: the relay reads the end of it
-            relaying.join(30)
-            pages.close()
-            local.close()
+        failed, frozen, relayed = self._dump_carrying(
+            record, trip, pages, lambda local: relay(pages, local, on_pages), post_dump)
         if failed is not None:
-            # The page stream broke (CRIU's page transfer failed): not the container's
-            # fault, so no fallback to restart mode.
-            if relayed and relayed[0].cut and "page-xfer" in failed.message:
-                why = "the connection broke"
-                try:  # the target's page server may have failed (a full disk)
-                    trip.sock.settimeout(10)
-                    _ask(trip.sock, {"op": "pages-failed", "trip": trip.id})
-                except RemoteRefused as exc:
-                    why = exc.message
-                except KamraError:
-                    pass
-                raise KamraError(f"the memory of {name!r} could not reach {trip.remote} "
-                                 f"({why}); it keeps running here")
-            raise _NotDumpable(failed.message)
+            raise self._failed_before_commit(trip, name, failed, relayed)
         # Committed: the source's tasks are gone (CRIU killed them after post-dump).
         host.wait_exit(name, record.init_pid, 10)
         host._finish_stop(record, {"status": None, "code": None, "signal": None,
                                    "reason": f"migrated to {trip.remote}"}, state="migrating")
         # Frozen here until resumed there (the answer); cleaning up here comes after.
-        downtime = ((marks[-1][1] if marks else time.perf_counter()) - frozen) * 1000
         reply = outcome.get("reply")
         if reply is None:
             raise KamraError(f"lost {trip.remote} after it was told to resume {name!r} "
@@ -376,17 +384,7 @@ class Migrations:
                                 "'migrating' here")
         self._confirm(trip, name)
         self._forget(record)
-        pages_bytes = relayed[0].sent if relayed else 0
-        phases, last = {}, frozen
-        for phase, at in marks:
-            phases[phase] = round((at - last) * 1000, 1)
-            last = at
-        files_bytes = sum(r["bytes"] for r in trip.rounds)
-        return {"mode": "live", "bytes": outcome.get("bytes", 0) + pages_bytes + files_bytes,
-                "pages_bytes": pages_bytes,
-                "downtime_ms": round(downtime, 1), "phases_ms": phases,
-                "rounds": trip.rounds,
-                "status": reply.get("status") or {}}
+        return self._result(trip, outcome, relayed, frozen, marks)
 
     def _live_lazy(self, record: ContainerRecord, trip: _Trip) -> dict:
         """Post-copy: the target resumes the container before its memory arrived and
@@ -399,10 +397,7 @@ class Migrations:
         the container 'migrating' (see docs/migration.md)."""
         host = self.host
         name = record.name
-        try:
-            host.checkpoints._check_dumpable(record)
-        except Conflict as exc:
-            raise _NotDumpable(exc.message) from None
+        self._dumpable(record)
         outcome: dict[str, Any] = {}
         marks: list[tuple[str, float]] = []
         answered = threading.Event()
@@ -447,8 +442,6 @@ class Migrations:
 
         self._precopy(trip, record)
         pages = self._open_pages(trip, name, lazy=True)
-        local, for_criu = socket_pair()
-        relayed: list[Relayed] = []
 
         def on_pages(sent: int) -> None:
             if sent - streamed[0] >= 4 << 20 or not streamed[0]:
@@ -485,31 +478,18 @@ class Migrations:
                     time.sleep(1)
             return None
 
-        stream = Stream(local, on_pages)
-        relaying = threading.Thread(
-            target=lambda: relayed.append(stream.run(pages, renew)),
-            name="kamra-pages", daemon=True)
-        relaying.start()
-        frozen = time.perf_counter()
-        emit(trip.progress, "dump", message=name)
-        failed: DumpFailed | None = None
-        try:
-            host.checkpoints._dump(record, False, post_dump=post_dump, page_server=for_criu,
-                                   lazy=True)
-        except DumpFailed as exc:
-            failed = exc
-        finally:
-            for_criu.close()
-            relaying.join(30)
-            pages.close()
-            local.close()
+        streams: list[Stream] = []
+
+        def carry(local: socket.socket) -> Relayed:
+            streams.append(Stream(local, on_pages))
+            return streams[0].run(pages, renew)
+
+        failed, frozen, relayed = self._dump_carrying(record, trip, pages, carry, post_dump,
+                                                      lazy=True)
         transferred = time.perf_counter()
         if record.state != "migrating":  # failed before the commit: it runs here again
             assert failed is not None
-            if relayed and relayed[0].cut and "page-xfer" in failed.message:
-                raise KamraError(f"the memory of {name!r} could not reach {trip.remote} "
-                                 "(the connection broke); it keeps running here")
-            raise _NotDumpable(failed.message)
+            raise self._failed_before_commit(trip, name, failed, relayed)
         answered.wait(COMMIT_TIMEOUT)
         if failed is not None:
             # CRIU resumes its tasks when the transfer fails: the target may run them.
@@ -528,19 +508,38 @@ class Migrations:
         self._confirm(trip, name)
         self._forget(record)
         pages_bytes = relayed[0].sent if relayed else 0
-        phases, last = {}, frozen
-        for phase, at in marks:
-            phases[phase] = round((at - last) * 1000, 1)
-            last = at
-        downtime = (marks[-1][1] - frozen) * 1000
-        files_bytes = sum(r["bytes"] for r in trip.rounds)
-        return {"mode": "live", "lazy": True, "page_stream_cuts": stream.cuts,
-                "bytes": outcome.get("bytes", 0) + pages_bytes + files_bytes,
-                "pages_bytes": pages_bytes,
-                "pages_after_resume_bytes": pages_bytes - outcome.get("pages_at_answer", 0),
-                "pages_ms": round((transferred - frozen) * 1000, 1),
-                "downtime_ms": round(downtime, 1), "phases_ms": phases,
-                "rounds": trip.rounds, "status": reply.get("status") or {}}
+        return self._result(
+            trip, outcome, relayed, frozen, marks, lazy=True,
+            page_stream_cuts=streams[0].cuts if streams else 0,
+            pages_after_resume_bytes=pages_bytes - outcome.get("pages_at_answer", 0),
+            pages_ms=round((transferred - frozen) * 1000, 1))
+
+    def _dump_carrying(self, record: ContainerRecord, trip: _Trip, pages: ssl.SSLSocket,
+                       carry: Callable[[socket.socket], Relayed],
+                       post_dump: Callable[[str, dict], None], lazy: bool = False
+                       ) -> tuple[DumpFailed | None, float, list[Relayed]]:
+        """Dump with CRIU's page socket carried to ``pages`` by ``carry(local end)`` in
+        a thread; returns the dump's failure (None: it went), when the freeze began, and
+        what was carried."""
+        local, for_criu = socket_pair()
+        relayed: list[Relayed] = []
+        carrying = threading.Thread(target=lambda: relayed.append(carry(local)),
+                                    name="kamra-pages", daemon=True)
+        carrying.start()
+        frozen = time.perf_counter()
+        emit(trip.progress, "dump", message=record.name)
+        failed: DumpFailed | None = None
+        try:
+            self.host.checkpoints._dump(record, False, post_dump=post_dump,
+                                        page_server=for_criu, lazy=lazy)
+        except DumpFailed as exc:
+            failed = exc
+        finally:
+            for_criu.close()  # CRIU is gone: the relay reads the end of it
+            carrying.join(30)
+            pages.close()
+            local.close()
+        return failed, frozen, relayed
 
     def _end_tasks_here(self, record: ContainerRecord) -> None:
         """A lazy transfer that failed after the commit: CRIU resumed the tasks here (with
