@@ -21,7 +21,7 @@ import ssl
 import struct
 from collections.abc import Callable
 
-from kamra.remote.relay import CHUNK, Relayed, _send_tls, _shutdown
+from kamra.remote.relay import CHUNK, Relayed, _drain, _send_tls, _shutdown
 
 log = logging.getLogger("kamra.remote")
 
@@ -103,16 +103,11 @@ class Stream:
                 else:
                     ready = select.select(watch, [], [])[0]
                 if remote in ready:
-                    try:
-                        got = remote.recv_into(inbox)
-                    except (ssl.SSLWantReadError, BlockingIOError):
-                        got = -1
-                    except OSError:
+                    got = _drain(remote, inbox)
+                    if got == b"":
                         return False
-                    if got == 0:
-                        return False
-                    if got > 0:
-                        pending += inbox[:got]
+                    if got:
+                        pending += got
                         self._frames(pending, remote)
                 if self.local in ready:
                     data = self.local.recv(CHUNK)
