@@ -859,3 +859,29 @@ def test_a_debian_container_migrates_live_with_its_services(hosts, debian_build)
     print(f"with --lazy: services {sorted(running)} run on B; downtime "
           f"{moved['downtime_ms']} ms, {moved['pages_after_resume_bytes'] / 1e6:.1f} of "
           f"{moved['pages_bytes'] / 1e6:.1f} MB after the resume")
+
+
+def test_lazy_is_refused_with_the_reason_when_pipes_are_capped():
+    """Without CAP_SYS_RESOURCE, CRIU's lazy pages need fs.pipe-max-size >= 4 MiB: with
+    the default 1 MiB, --lazy is refused saying so (the sysctl is put back after)."""
+    from kamra.engine.migrate import LAZY_PIPE, lazy_pages_unavailable
+    from kamra.linux.caps import CAPS, has_cap
+
+    path = "/proc/sys/fs/pipe-max-size"
+    with open(path) as f:
+        saved = f.read().strip()
+    try:
+        with open(path, "w") as f:
+            f.write(str(1 << 20))
+        why = lazy_pages_unavailable()
+        if has_cap(CAPS["sys_resource"]):
+            assert why is None  # root gets big pipes whatever the sysctl says
+        else:
+            assert why and "fs.pipe-max-size (1024 KiB)" in why, why
+            assert f"fs.pipe-max-size={LAZY_PIPE}" in why
+        with open(path, "w") as f:
+            f.write(str(LAZY_PIPE))
+        assert lazy_pages_unavailable() is None
+    finally:
+        with open(path, "w") as f:
+            f.write(saved)
