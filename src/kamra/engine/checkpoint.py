@@ -279,11 +279,11 @@ class Checkpoints:
                 before_resume: Callable[[ContainerRecord], None] | None = None,
                 lazy: bool = False) -> dict:
         """Restore the checkpoint. ``before_resume(record)`` runs once the processes
-        are restored, still stopped and with the network locked (changes it makes to the
-        record are kept); if it raises, CRIU kills them and the restore is undone.
-        ``lazy``: memory comes from the ``criu lazy-pages`` already listening in the
-        checkpoint directory, which is then left for the caller to remove (a migration's target waits there for the
-        source's commit)."""
+        are restored, still stopped and with the network locked (a migration's target
+        waits there for the source's commit; changes it makes to the record are kept);
+        if it raises, CRIU kills them and the restore is undone. ``lazy``: memory comes
+        from the ``criu lazy-pages`` already listening in the checkpoint directory,
+        which is then left for the caller to remove."""
         host = self.host
         with host._lock(name):
             if import_file is not None:

@@ -39,7 +39,6 @@ import logging
 import os
 import queue
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -53,7 +52,6 @@ from kamra.checkpoint import archive
 from kamra.checkpoint.criu import Criu, log_errors
 from kamra.engine.checkpoint import DumpFailed, criu_binary
 from kamra.errors import AlreadyExists, Conflict, InvalidInput, KamraError
-from kamra.linux import proc
 from kamra.remote import tls, wire
 from kamra.remote.relay import Relayed, relay, socket_pair
 from kamra.remote.resumable import Stream
@@ -426,16 +424,12 @@ class Migrations:
             marks.append(("dump", time.perf_counter()))
             outcome["bytes"] = self._send_archive(trip, record, meta, images, pages=False)
             marks.append(("send", time.perf_counter()))
-            record.state, record.migrating_to = "migrating", trip.remote
-            host.store.update(record)
-            host.store.sync()  # the commit: from here on this host never resumes it
+            self._record_commit(record, trip.remote)  # from here on it never resumes here
             emit(trip.progress, "restore", message=trip.remote)
             try:
                 wire.send(trip.sock, {"op": "restore", "name": name, "lazy": True})
             except OSError as exc:  # it never heard of the commit: undo it
-                record.state, record.migrating_to = "checkpointing", None
-                host.store.update(record)
-                host.store.sync()
+                self._record_commit(record, None)
                 raise KamraError(f"{trip.remote} went away before restoring: {exc}") \
                     from None
             threading.Thread(target=wait_answer, name="kamra-answer", daemon=True).start()
@@ -564,12 +558,16 @@ class Migrations:
         if not reply.get("restored"):
             raise KamraError(f"{trip.remote} answered the restore with {reply}")
 
-    def _commit(self, trip: _Trip, record: ContainerRecord, outcome: dict) -> None:
-        """The point of no return: recorded durably here, then the target resumes it."""
-        record.state = "migrating"
-        record.migrating_to = trip.remote
+    def _record_commit(self, record: ContainerRecord, remote: str | None) -> None:
+        """The point of no return, durably (remote None: undo a commit not yet told)."""
+        record.state = "migrating" if remote else "checkpointing"
+        record.migrating_to = remote
         self.host.store.update(record)
         self.host.store.sync()
+
+    def _commit(self, trip: _Trip, record: ContainerRecord, outcome: dict) -> None:
+        """The point of no return: recorded durably here, then the target resumes it."""
+        self._record_commit(record, trip.remote)
         emit(trip.progress, "resume", message=trip.remote)
         try:
             wire.send(trip.sock, {"op": "resume", "name": record.name})
@@ -714,8 +712,7 @@ class Migrations:
         restored when it lost kamrad), then the container itself."""
         host = self.host
         with host._lock(record.name):
-            if record.init_pid and proc.alive(record.init_pid, record.init_start):
-                os.kill(record.init_pid, signal.SIGKILL)  # cannot be: it never resumed
+            host.cgroups.kill(record.name)  # none should be left: they never resumed
             host._finish_stop(record, {"status": None, "code": None, "signal": None,
                                        "reason": "migration not committed"})
             host.checkpoints.discard(record.name)

@@ -104,7 +104,8 @@ def _drain(sock: ssl.SSLSocket, inbox: memoryview) -> memoryview | bytes | None:
     """What the TLS connection has for us now, up to the size of ``inbox``: b"" at its
     end, None if nothing yet. TLS hands over one record (16 KB) per read; gathering
     them makes one local write per megabyte instead of a wakeup, a read and a write per
-    record, which halved the relay's cost for 100 MB of pages."""
+    record (100 MB through two relays and TLS on loopback: 207-275 ms before, 133-207 ms
+    after, against 125-150 ms for bare TLS)."""
     size = 0
     while size < len(inbox):
         try:
