@@ -543,9 +543,8 @@ class FakeSource:
         while time.monotonic() < deadline and (
                 self.page_servers() or b.json("list") or self.staged()):
             time.sleep(0.1)
-        assert self.page_servers() == []
-        assert b.json("list") == []
-        assert self.staged() == []
+        left = (self.page_servers(), b.json("list"), self.staged())
+        assert left == ([], [], []), f"left on B (page servers, containers, staged): {left}"
 
 
 def test_a_lazy_page_stream_cut_while_it_runs_there_pauses_and_goes_on(hosts):
