@@ -1,6 +1,7 @@
 """The page relay (kamra.remote.relay) over a real TLS connection on loopback: what one
 local socket writes reaches the other intact, whatever the read sizes, and an end on
-either side reaches the other."""
+either side reaches the other; with the page-server protocol tap (AnswerAhead), the
+answers it knows are given at once and the others come from the far side."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import threading
 
 import pytest
 
+from kamra.checkpoint import page_protocol as pp
 from kamra.remote import tls
 from kamra.remote.relay import Relayed, relay, socket_pair
 
@@ -19,7 +21,7 @@ from kamra.remote.relay import Relayed, relay, socket_pair
 class Pair:
     """Two relays joined by TLS: ``a`` and ``b`` are the local ends CRIU would hold."""
 
-    def __init__(self, chunk: int):
+    def __init__(self, chunk: int, tap_a: bool = False):
         self.dir = tempfile.TemporaryDirectory()
         cert, key = tls.ensure_certificate(self.dir.name)
         context = tls.server_context(cert, key)
@@ -40,15 +42,16 @@ class Pair:
         for side, remote in (("a", client), ("b", server)):
             ours, theirs = socket_pair()
             ends.append(theirs)
-            thread = threading.Thread(target=self._run, args=(side, remote, ours, chunk),
-                                      daemon=True)
+            tap = pp.AnswerAhead() if tap_a and side == "a" else None
+            thread = threading.Thread(target=self._run,
+                                      args=(side, remote, ours, chunk, tap), daemon=True)
             thread.start()
             self.threads.append(thread)
         self.a, self.b = ends
 
-    def _run(self, side: str, remote, ours, chunk: int) -> None:
+    def _run(self, side: str, remote, ours, chunk: int, tap) -> None:
         try:
-            self.results[side] = relay(remote, ours, chunk=chunk)
+            self.results[side] = relay(remote, ours, chunk=chunk, tap=tap)
         finally:
             ours.close()
             remote.close()
@@ -89,5 +92,85 @@ def test_bytes_arrive_intact_and_ends_pass_through(chunk):
             thread.join(10)
         assert pair.results["a"].sent == len(data) and not pair.results["a"].cut
         assert pair.results["b"].received == len(data) and pair.results["b"].cut
+    finally:
+        pair.close()
+
+
+def header(cmd: int, nr_pages: int = 0, vaddr: int = 0, dst: int = 0) -> bytes:
+    return pp.HEADER.pack(cmd, nr_pages, vaddr, dst)
+
+
+ADD_PRESENT = pp.PE_PRESENT << pp.PS_CMD_BITS | pp.PS_IOV_ADD_F
+
+
+def test_answer_ahead_reads_the_page_server_protocol():
+    """OPEN2 is answered at once and the server's own answer to it dropped; pages are
+    skipped over whatever the read sizes; other answers pass through."""
+    pages = os.urandom(3 * pp.PAGE_SIZE)
+    stream = (header(pp.PS_IOV_OPEN2, dst=7) + header(ADD_PRESENT, 3, 0x1000, 7) + pages
+              + header(pp.PS_IOV_HOLE, 2) + header(pp.PS_IOV_OPEN2, dst=8)
+              + header(pp.PS_IOV_PARENT) + header(pp.PS_IOV_FORCE_CLOSE))
+    for size in (1, 7, 4096, len(stream)):
+        tap = pp.AnswerAhead()
+        answered = b"".join(tap.outgoing(stream[i:i + size])
+                            for i in range(0, len(stream), size))
+        assert answered == pp.NO_PARENT * 2 and tap.answered == 2
+        # The server's answers, in order: OPEN2 (dropped), OPEN2 (dropped), PARENT, CLOSE.
+        server = b"\x00" + b"\x00" + b"\x01\x00\x00\x00" + b"\x00\x00\x00\x00"
+        passed = b"".join(tap.incoming(server[i:i + size])
+                          for i in range(0, len(server), size))
+        assert passed == b"\x01\x00\x00\x00" + b"\x00\x00\x00\x00"
+
+
+def test_answer_ahead_refuses_what_it_does_not_know():
+    tap = pp.AnswerAhead()
+    with pytest.raises(pp.ProtocolError):
+        tap.outgoing(header(pp.PS_IOV_GET, 1))  # a lazy stream: not for this tap
+    tap = pp.AnswerAhead()
+    tap.outgoing(header(pp.PS_IOV_OPEN2))
+    with pytest.raises(pp.ProtocolError):
+        tap.incoming(b"\x01")  # the server had a parent: our answer was wrong
+
+
+def test_a_tapped_relay_answers_open_before_the_server_reads():
+    """A dump's OPEN2 is answered by its own relay while the far side has read nothing;
+    the far side's answer to it never reaches the dump, its closing status does."""
+    pair = Pair(1 << 20, tap_a=True)
+    try:
+        pair.a.settimeout(10)
+        pair.b.settimeout(10)
+        pages = os.urandom(64 * pp.PAGE_SIZE)
+        pair.a.sendall(header(pp.PS_IOV_OPEN2, dst=1))
+        assert pair.a.recv(1) == pp.NO_PARENT  # b has not read a byte yet
+        pair.a.sendall(header(ADD_PRESENT, 64, 0x10000, 1) + pages
+                       + header(pp.PS_IOV_FORCE_CLOSE))
+        expected = (header(pp.PS_IOV_OPEN2, dst=1) + header(ADD_PRESENT, 64, 0x10000, 1)
+                    + pages + header(pp.PS_IOV_FORCE_CLOSE))
+        got = b""
+        while len(got) < len(expected):
+            got += pair.b.recv(1 << 20)
+        assert got == expected  # passed on unchanged
+        pair.b.sendall(b"\x00" + b"\x05\x00\x00\x00")  # OPEN2's answer, then the status
+        assert pair.a.recv(16) == b"\x05\x00\x00\x00"
+        pair.a.close()
+        pair.b.close()
+        for thread in pair.threads:
+            thread.join(10)
+        assert not pair.results["a"].cut
+    finally:
+        pair.close()
+
+
+def test_a_tapped_relay_cuts_a_stream_it_does_not_understand():
+    pair = Pair(1 << 20, tap_a=True)
+    try:
+        pair.a.settimeout(10)
+        pair.a.sendall(header(0x77))
+        assert pair.a.recv(16) == b""  # cut: the dump sees the end, as on a broken link
+        pair.a.close()
+        pair.b.close()
+        for thread in pair.threads:
+            thread.join(10)
+        assert pair.results["a"].cut
     finally:
         pair.close()

@@ -14,7 +14,10 @@ What kamra does around CRIU, and why:
   from the running LXCFS on restore.
 - The network namespace is restored empty (``empty_ns``) and wired by kamra exactly as
   at a start, once CRIU has locked it (``post-setup-namespaces``): so the host side,
-  firewall and addresses come from kamra's own records, on this host or another.
+  firewall and addresses come from kamra's own records, on this host or another. The
+  dump leaves its configuration out too (``empty_ns`` again) unless a task sits in
+  another network namespace; its sockets are dumped either way. (Firewall rules made
+  inside the container are not carried.)
 - Restored tasks stay in the cgroup the restore helper joined (``manage_cgroups``
   off): kamra made that cgroup and set its limits, as for a start.
 """
@@ -164,6 +167,21 @@ class Checkpoints:
                                f"'kamra exec' session runs in it (host pid {pid}): end "
                                "the session first")
 
+    def _one_netns(self, record: ContainerRecord) -> bool:
+        """Whether every task of the container is in its init's network namespace (CRIU
+        can leave out only that one namespace's configuration)."""
+        try:
+            init = os.stat(f"/proc/{record.init_pid}/ns/net").st_ino
+        except OSError:
+            return False
+        for pid in self.host.cgroups.pids(record.name):
+            try:
+                if os.stat(f"/proc/{pid}/ns/net").st_ino != init:
+                    return False
+            except OSError:
+                continue  # exited meanwhile
+        return True
+
     def _manifest(self, record: ContainerRecord, meta: dict) -> dict:
         container = {k: v for k, v in record.to_json().items()
                      if k in ("name", "template", "template_digest", "hostname", "storage",
@@ -205,7 +223,15 @@ class Checkpoints:
             # Mounted by systemd at /dev/hugepages; empty (no container uses huge pages
             # unasked), so mounting it anew on restore is all CRIU needs to do.
             "enable_fs": ["hugetlbfs"],
+            # The restore ignores CRIU's cgroup images (kamra makes the cgroup): without
+            # this the dump walks and saves the whole host's cgroup2 tree, frozen.
+            "manage_cgroups_mode": CG_IGNORE,
         }
+        if host.network.mode(record) != "none" and self._one_netns(record):
+            # Restored empty and wired by kamra (see the module docstring): the dump
+            # need not save links, addresses, routes and firewall tables (8 programs
+            # run and every link's sysctls read, with the tasks frozen).
+            opts["empty_ns"] = libc.CLONE_NEWNET
         config = None
         if page_server is not None and lazy:
             # CRIU's RPC ignores ps.fd with lazy pages; its configuration file does not.

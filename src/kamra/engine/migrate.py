@@ -50,10 +50,11 @@ from typing import TYPE_CHECKING, Any
 
 from kamra.checkpoint import archive
 from kamra.checkpoint.criu import Criu, log_errors
+from kamra.checkpoint.page_protocol import AnswerAhead
 from kamra.engine.checkpoint import DumpFailed, criu_binary
 from kamra.errors import AlreadyExists, Conflict, InvalidInput, KamraError
 from kamra.remote import tls, wire
-from kamra.remote.relay import Relayed, relay, socket_pair
+from kamra.remote.relay import AHEAD, Relayed, relay, socket_pair
 from kamra.remote.resumable import Stream
 from kamra.remote.store import RemoteStore, parse_address
 from kamra.templates.model import Progress, emit
@@ -361,7 +362,8 @@ class Migrations:
                 emit(trip.progress, "pages", sent, message=name)
 
         failed, frozen, relayed = self._dump_carrying(
-            record, trip, pages, lambda local: relay(pages, local, on_pages), post_dump)
+            record, trip, pages, lambda local: relay(pages, local, on_pages, tap=AnswerAhead()),
+            post_dump)
         if failed is not None:
             raise self._failed_before_commit(trip, name, failed, relayed)
         # Committed: the source's tasks are gone (CRIU killed them after post-dump).
@@ -840,7 +842,7 @@ class Migrations:
         check_name(name)
         if not trip.isalnum() or len(trip) > 32:
             raise InvalidInput("bad migration id")
-        local, for_criu = socket_pair()
+        local, for_criu = socket_pair(ahead=0 if lazy else AHEAD)
         if lazy:
             self._serve_lazy_pages(sock, trip, local, for_criu)
             return

@@ -17,20 +17,34 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kamra.checkpoint.page_protocol import AnswerAhead, ProtocolError
+
 CHUNK = 1 << 20
 BUFFER = 4 << 20
+# What a stop-and-copy dump may hand over before the relay took it: the pages of a
+# 100 MB container, referenced (not copied) by the socket until sent.
+AHEAD = 128 << 20
+SO_SNDBUFFORCE = 32  # (not in Python's socket module) past net.core.wmem_max; root only
 
 
-def socket_pair() -> tuple[socket.socket, socket.socket]:
+def socket_pair(ahead: int = 0) -> tuple[socket.socket, socket.socket]:
     """(kamrad's end, CRIU's end), with buffers large enough that a relay wakes up once
-    per few megabytes of pages rather than once per default-sized buffer."""
+    per few megabytes of pages rather than once per default-sized buffer. ``ahead``:
+    let each end queue that many bytes unread (as root), so that a writer need not
+    wait for its reader (see ``AnswerAhead``)."""
     ours, theirs = socket.socketpair()
     for sock in (ours, theirs):
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, option, BUFFER)
+        if ahead:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, ahead)
+            except PermissionError:
+                pass  # not root: the wmem_max-sized buffer above
     return ours, theirs
 
 
@@ -53,39 +67,60 @@ class Relayed:
 
 
 def relay(remote: ssl.SSLSocket, local: socket.socket,
-          on_sent: Callable[[int], None] | None = None, chunk: int = CHUNK) -> Relayed:
+          on_sent: Callable[[int], None] | None = None, chunk: int = CHUNK,
+          tap: AnswerAhead | None = None) -> Relayed:
     """Copy until the local socket ends; returns what went each way. The caller closes
     ``remote`` afterwards: a TLS connection cannot be half-closed from Python, and the
     local side ending means its peer process is done (it wrote its last answer first).
     The remote side ending is passed on as a shutdown of writing; what the local side
-    says after that has nowhere to go. ``chunk``: the most moved per read."""
+    says after that has nowhere to go. ``chunk``: the most moved per read.
+
+    ``tap``: the local side is a CRIU dump streaming pages; a thread reads it ahead of
+    the network (up to ``AHEAD`` bytes held here) and gives the answers ``AnswerAhead``
+    knows at once, so the dump does not wait for the network; a stream it does not
+    understand is cut like a broken connection."""
     remote.setblocking(False)
     local.setblocking(True)
     done = Relayed()
     remote_open = True
     inbox = memoryview(bytearray(chunk))
+    ahead = _ReadAhead(local, tap, chunk) if tap is not None else None
+    watched = ahead.wakeup if ahead is not None else local
+
+    def cut() -> None:
+        nonlocal remote_open
+        remote_open = False
+        done.cut = True
+        _shutdown(local)
+
     try:
         while True:
             if remote_open and remote.pending():  # decrypted already: no wait for it
-                ready = [remote, *select.select([local], [], [], 0)[0]]
+                ready = [remote, *select.select([watched], [], [], 0)[0]]
             else:
-                ready = select.select([local, remote] if remote_open else [local], [], [])[0]
+                ready = select.select([watched, remote] if remote_open else [watched],
+                                      [], [])[0]
             if remote_open and remote in ready:
                 incoming = _drain(remote, inbox)
                 if incoming == b"":
-                    remote_open = False
-                    done.cut = True
-                    _shutdown(local)
+                    cut()
                 elif incoming:
                     done.received += len(incoming)
                     try:
-                        local.sendall(incoming)
+                        local.sendall(tap.incoming(incoming) if tap else incoming)
+                    except ProtocolError:
+                        cut()
                     except OSError:
                         pass  # the local peer is gone: its end shows up as EOF below
-            if local in ready:
-                data = local.recv(chunk)
+            if watched not in ready:
+                continue
+            for data in ahead.take() if ahead is not None else [local.recv(chunk)]:
                 if not data:
                     return done
+                if data is _BROKEN:
+                    if remote_open:
+                        cut()
+                    continue
                 if remote_open:
                     try:
                         _send_tls(remote, data)
@@ -93,11 +128,84 @@ def relay(remote: ssl.SSLSocket, local: socket.socket,
                         if on_sent is not None:
                             on_sent(done.sent)
                     except OSError:
-                        remote_open = False
-                        done.cut = True
-                        _shutdown(local)
+                        cut()
     finally:
         remote.setblocking(True)
+        if ahead is not None:
+            ahead.close()
+
+
+_BROKEN = b"broken"  # (compared by identity) the tapped stream broke the protocol
+
+
+class _ReadAhead:
+    """Reads a tapped local socket in a thread, as fast as it is written, into a queue
+    of at most ``AHEAD`` bytes; ``wakeup`` becomes readable when there is something to
+    ``take``. Ends with b"" (the local side ended) after ``_BROKEN`` if the tap refused
+    the stream (then what follows is read and dropped, so the writer never blocks)."""
+
+    def __init__(self, local: socket.socket, tap: AnswerAhead, chunk: int):
+        self._local, self._tap, self._chunk = local, tap, chunk
+        self._queue: list[bytes] = []
+        self._queued = 0
+        self._room = threading.Condition()
+        self._closed = False
+        self.wakeup, self._wake = socket.socketpair()
+        self.wakeup.setblocking(False)
+        self._wake.setblocking(False)
+        threading.Thread(target=self._run, name="kamra-read-ahead", daemon=True).start()
+
+    def _run(self) -> None:
+        broken = False
+        while True:
+            with self._room:
+                while self._queued >= AHEAD and not self._closed:
+                    self._room.wait()
+                if self._closed:
+                    return
+            try:
+                data = self._local.recv(self._chunk)
+            except OSError:
+                data = b""
+            if data and not broken:
+                try:
+                    if early := self._tap.outgoing(data):
+                        self._local.sendall(early)
+                except ProtocolError:
+                    broken = True
+                    data = _BROKEN
+                except OSError:
+                    pass  # the local peer is gone: its end comes next
+            elif broken and data:
+                continue
+            with self._room:
+                self._queue.append(data)
+                self._queued += len(data)
+            try:
+                self._wake.send(b"!")
+            except (BlockingIOError, OSError):
+                pass  # a wakeup is pending already
+            if not data:
+                return
+
+    def take(self) -> list[bytes]:
+        try:
+            while self.wakeup.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        with self._room:
+            taken, self._queue = self._queue, []
+            self._queued = 0
+            self._room.notify()
+        return taken
+
+    def close(self) -> None:
+        with self._room:
+            self._closed = True
+            self._room.notify()
+        self.wakeup.close()
+        self._wake.close()
 
 
 def _drain(sock: ssl.SSLSocket, inbox: memoryview) -> memoryview | bytes | None:
