@@ -27,6 +27,7 @@ import uuid
 
 import pytest
 
+from kamra import scratch
 from kamra.linux import fdpass, libc
 from kamra.paths import Layout
 from kamra.templates.fsutil import mounts_under
@@ -152,6 +153,8 @@ def leftovers(layout: Layout) -> list[str]:
         pid = _pid_from(path)
         if _alive(pid):
             problems.append(f"{what} pid {pid}")
+    problems += [f"memory scratch {p}" for p in glob.glob(
+        os.path.join(scratch.MEMORY, f"kamra-{layout.root_id}-*"))]
     return problems
 
 
@@ -173,6 +176,7 @@ def force_cleanup(layout: Layout) -> None:
     time.sleep(0.2)
     for mount in sorted(mounts_under(layout.root), key=len, reverse=True):
         subprocess.run(["umount", "-l", mount], check=False)
+    scratch.sweep(layout.root_id)
     for cgroup in cgroups_of(layout):
         for dirpath, _, _ in sorted(os.walk(cgroup), key=lambda w: -len(w[0])):
             try:

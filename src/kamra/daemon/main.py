@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 
+from kamra import scratch
 from kamra.errors import KamraError
 from kamra.paths import Layout, default_root, remove_files, write_pid_file
 
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kamrad: {exc.message}", file=sys.stderr)
         return 1
     # Builds and imports that a crash interrupted left scratch dirs: none runs yet.
-    for leftover in host.templates.cleanup_scratch() + host.migrations.cleanup_incoming():
+    for leftover in (host.templates.cleanup_scratch() + host.migrations.cleanup_incoming()
+                     + scratch.sweep(layout.root_id)):
         logging.info("removed unfinished work %s", leftover)
     try:
         host.listen()  # for other kamra hosts, if an address was configured

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from kamra import scratch
 from kamra.atomic import write_file
 from kamra.checkpoint.criu import Criu, CriuError
 from kamra.engine.revert import Revert
@@ -207,9 +208,14 @@ class Checkpoints:
         host = self.host
         name = record.name
         final = self.directory(name)
-        work = final + ".new"
-        shutil.rmtree(work, ignore_errors=True)
-        os.makedirs(work, 0o700)
+        # A migration's images are sent from post-dump and then spent: in memory, each
+        # of CRIU's files costs the frozen tasks less (kamra.scratch).
+        transient = page_server is not None
+        work = (scratch.in_memory(host.layout.root_id, "dump", final + ".new") if transient
+                else final + ".new")
+        if not transient:
+            shutil.rmtree(work, ignore_errors=True)
+            os.makedirs(work, 0o700)
         record.state = "checkpointing"
         host.store.update(record)
         lxcfs = lxcfs_mounts(record.init_pid)
@@ -273,7 +279,7 @@ class Checkpoints:
                 self._back_to_running(record)
             kept = os.path.join(host.layout.container_dir(name), "dump-failed.log")
             try:
-                os.replace(os.path.join(work, "dump.log"), kept)
+                shutil.move(os.path.join(work, "dump.log"), kept)  # (work may be in memory)
             except OSError:
                 kept = exc.log_path or kept
             shutil.rmtree(work, ignore_errors=True)
@@ -288,6 +294,9 @@ class Checkpoints:
             os.close(images)
             if config is not None:
                 os.unlink(config)
+        if transient:  # the target has it all now
+            shutil.rmtree(work, ignore_errors=True)
+            return meta
         write_file(os.path.join(work, META), json.dumps(meta))
         _replace_dir(work, final)
         if exported:
