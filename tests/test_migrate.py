@@ -287,6 +287,8 @@ class FakeTarget(threading.Thread):
                says nothing more, its connections left open (a network partition)
       lazy     (with --lazy) when asked to restore, after the source committed: the
                page connection and this one close
+      giveback (with --lazy) when asked to restore, it answers that the restore failed
+               and nothing of the container is left here, and closes the page connection
     """
 
     def __init__(self, hosts: Hosts, cut: str):
@@ -345,6 +347,11 @@ class FakeTarget(threading.Thread):
                     if op == "restore" and message.get("lazy") and self.cut == "lazy":
                         self.lazy_pages.close()  # the page stream breaks after the commit
                         return
+                    if op == "restore" and message.get("lazy") and self.cut == "giveback":
+                        wire.send(sock, {"error": "CRIU could not restore it (fake)",
+                                         "dropped": True})
+                        self.lazy_pages.close()  # as the failed restore's daemon ends
+                        continue
                     if op == self.cut:
                         return  # the cut: the connection drops here
                     if op == "restore" and self.cut == "partition":
@@ -618,6 +625,37 @@ def test_a_lazy_page_stream_cut_after_the_commit_leaves_it_migrating(hosts):
         assert settled.returncode == 0 and "stopped here" in settled.stdout, settled.stderr
         a.run("start", name, check=True)
         assert a.run("exec", name, "--", "cat", "/root/file", check=True).stdout == "kept\n"
+    finally:
+        fake.close()
+
+
+def test_a_lazy_restore_that_fails_there_gives_the_container_back(hosts):
+    """--lazy commits before the target restores; a target whose restore fails and that
+    holds nothing of the container says so, and the source takes it back: CRIU resumed
+    its tasks (their pages no longer asked for), kamra unlocks their network, and the
+    client's connection goes on with no number lost or repeated."""
+    fake = FakeTarget(hosts, "giveback")
+    try:
+        a = hosts.cli_a
+        a.run("remote", "add", "b", B_ADDR, "--token", "any", check=True)
+        name, _, stream = streaming_container(a, hosts.client)
+        try:
+            hold_memory(a, name, 16)
+            stream.more()
+            pid = a.json("status", name)["init_pid"]
+            back = a.run("migrate", name, "b", "--lazy")
+            assert back.returncode != 0, back.stdout
+            assert "could not restore" in back.stderr and "runs here again" in back.stderr, \
+                back.stderr
+            assert len(back.stderr.strip().splitlines()) == 1, back.stderr
+            assert "restore" in fake.seen, fake.seen
+            status = a.json("status", name)
+            assert status["state"] == "running" and status["init_pid"] == pid, status
+            stream.more()  # the same connection goes on
+            stream.check()
+            a.run("exec", name, "--", "true", check=True)
+        finally:
+            stream.close()
     finally:
         fake.close()
 

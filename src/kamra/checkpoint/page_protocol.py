@@ -43,6 +43,11 @@ PS_CMD_MASK = 0xFFFF
 PS_CMD_BITS = 16
 PE_PRESENT = 1 << 2  # pages follow the command
 NO_PARENT = b"\x00"
+# Said to a lazy dump's page server in place of the lazy-pages daemon's requests: no
+# command it knows, whatever 32 of these bytes it reads as one, so it fails (and CRIU
+# resumes the dumped tasks) instead of taking the end of the stream as all pages sent
+# (and killing them).
+ABORT = b"\xff" * (2 * HEADER.size)
 
 
 class ProtocolError(Exception):

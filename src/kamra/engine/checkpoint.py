@@ -90,6 +90,35 @@ def _remove_later(path: str) -> None:
                      name="kamra-rm-checkpoint").start()
 
 
+def _drop_network_lock() -> list[str]:
+    """In the calling thread's network namespace: delete the tables of CRIU's nftables
+    network lock (``inet CRIU-<run id>``); returns their names."""
+    from kamra.network.nft import open_backend
+
+    backend = open_backend()
+    try:
+        _, listing, _ = backend.run("list tables")
+        tables = [line.split()[-1] for line in listing.splitlines()
+                  if line.startswith("table inet CRIU-")]
+        for table in tables:
+            backend.run(f"delete table inet {table}")
+        return tables
+    finally:
+        backend.close()
+
+
+def release_network_lock(pid: int) -> list[str]:
+    """Unlock the network of the container whose init is ``pid`` after a CRIU dump that
+    resumed its tasks without doing so itself (a lazy dump whose page transfer failed)."""
+    from kamra.network import netns
+
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return netns.run_in_netns(fd, _drop_network_lock)
+    finally:
+        os.close(fd)
+
+
 def _replace_dir(new: str, final: str) -> None:
     """Put ``new`` in place of ``final``; the old one goes in the background."""
     _remove_later(final)

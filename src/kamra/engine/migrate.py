@@ -48,11 +48,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kamra.checkpoint import archive
+from kamra.checkpoint import archive, page_protocol
 from kamra.checkpoint.criu import Criu, log_errors
 from kamra.checkpoint.page_protocol import AnswerAhead
-from kamra.engine.checkpoint import DumpFailed, criu_binary
+from kamra.engine.checkpoint import DumpFailed, criu_binary, release_network_lock
 from kamra.errors import AlreadyExists, Conflict, InvalidInput, KamraError
+from kamra.linux import proc
 from kamra.remote import tls, wire
 from kamra.remote.relay import AHEAD, Relayed, relay, socket_pair
 from kamra.remote.resumable import Stream
@@ -74,6 +75,9 @@ ROUND_QUICK = 0.5  # ...as does one this quick (seconds)
 CTIME_SLACK = 1.0  # seconds a round starts before its mark (coarse change times)
 COMMIT_TIMEOUT = 60.0  # seconds a restored target waits, stopped, for the source's commit
 RESUME_FOR = 60.0  # seconds a broken lazy page stream is tried again before it is given up
+# A broken lazy page stream the target will not resume: how long to wait for its answer
+# to the restore, which says whether it gave the container back (seconds).
+GIVE_BACK_WAIT = 10.0
 
 
 @dataclass
@@ -444,10 +448,18 @@ class Migrations:
                 emit(trip.progress, "pages", sent, message=name)
             streamed[0] = sent
 
-        def renew(received: int) -> tuple[ssl.SSLSocket, int] | None:
+        def given_back() -> bool:
+            """Whether the target answered that its restore failed and it holds nothing:
+            then CRIU must fail (and resume the tasks here), not end as if all went."""
+            answered.wait(GIVE_BACK_WAIT)
+            return bool((outcome.get("reply") or {}).get("dropped"))
+
+        def renew(received: int) -> tuple[ssl.SSLSocket, int] | bytes | None:
             """The page connection broke: connect again and go on where it stopped."""
             if record.state != "migrating":
                 return None  # not committed: the container goes on here, no pages needed
+            if answered.is_set() and given_back():
+                return page_protocol.ABORT
             deadline = time.monotonic() + RESUME_FOR
             while time.monotonic() < deadline:
                 try:
@@ -467,7 +479,7 @@ class Migrations:
                     sock.close()
                     log.warning("%s cannot resume the page stream of %s: %s", trip.remote,
                                 name, exc.message)
-                    return None
+                    return page_protocol.ABORT if given_back() else None
                 except KamraError as exc:
                     sock.close()
                     log.warning("resuming the page stream of %s: %s", name, exc.message)
@@ -487,6 +499,14 @@ class Migrations:
             assert failed is not None
             raise self._failed_before_commit(trip, name, failed, relayed)
         answered.wait(COMMIT_TIMEOUT)
+        reply = outcome.get("reply")
+        if failed is not None and reply and reply.get("dropped") \
+                and proc.alive(record.init_pid, record.init_start):
+            # The target could not restore it and holds nothing of it now; CRIU resumed
+            # the tasks here when their pages stopped being asked for: take it back.
+            self._uncommit(record)
+            raise RemoteRefused(f"{trip.remote} could not restore {name!r} after the "
+                                f"commit ({reply.get('error')}); it runs here again")
         if failed is not None:
             # CRIU resumes its tasks when the transfer fails: the target may run them.
             self._end_tasks_here(record)
@@ -536,6 +556,21 @@ class Migrations:
             pages.close()
             local.close()
         return failed, frozen, relayed
+
+    def _uncommit(self, record: ContainerRecord) -> None:
+        """A lazy migration the target gave back: the tasks CRIU resumed here run on,
+        with the network CRIU left locked unlocked, the address announced here again
+        (the target may have claimed it), and the record running, durably."""
+        try:
+            release_network_lock(record.init_pid)
+        except (KamraError, OSError) as exc:
+            log.error("unlocking the network of %s: %s", record.name, exc)
+        record.state = "running"
+        record.migrating_to = None
+        self.host.store.update(record)
+        self.host.store.sync()
+        self.host.network.announce(record)
+        log.warning("%s runs here again: its target gave it back", record.name)
 
     def _end_tasks_here(self, record: ContainerRecord) -> None:
         """A lazy transfer that failed after the commit: CRIU resumed the tasks here (with
@@ -775,8 +810,15 @@ class Migrations:
                             raise Conflict(f"nothing of {name!r} was received")
                         self._arrived(name)  # the source committed before asking
                         imported = None
-                        wire.send(sock, {"ok": True,
-                                         "status": self._restore_lazy(name, str(trip))})
+                        try:
+                            status = self._restore_lazy(name, str(trip))
+                        except KamraError as exc:
+                            # Nothing of it runs here: give it back to the source, whose
+                            # tasks CRIU resumes as their pages are no longer asked for.
+                            wire.send(sock, {"error": exc.message,
+                                             "dropped": self._give_back(name)})
+                            continue
+                        wire.send(sock, {"ok": True, "status": status})
                     elif op == "restore":
                         name = str(message["name"])
                         if name != imported:
@@ -1162,6 +1204,17 @@ class Migrations:
         status = host.start(name) if start else host.status(name)
         host.network.announce(host.store.get(name))  # type: ignore[arg-type]
         return {"ok": True, "status": status}
+
+    def _give_back(self, name: str) -> bool:
+        """After a failed lazy restore: drop the container if none of it runs here
+        (the restore undid its steps, CRIU killed what it restored); whether it did."""
+        record = self.host.store.get(name)
+        if record is not None and (record.state == "running"
+                                   or self.host.cgroups.pids(name)):
+            return False
+        if record is not None:
+            self._drop(name)
+        return self.host.store.get(name) is None
 
     def _drop(self, name: str) -> None:
         try:

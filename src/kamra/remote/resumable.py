@@ -30,8 +30,10 @@ _COUNT = struct.Struct("!Q")
 DATA, ACK, END = 0, 1, 2
 ACK_EVERY = 1 << 20
 
-# renew(received) -> (a new connection, what the peer received), or None: give up.
-Renew = Callable[[int], "tuple[ssl.SSLSocket, int] | None"]
+# renew(received) -> (a new connection, what the peer received), or give up: None ends
+# the local side's stream; bytes are said to the local side first (its peer's last
+# words, e.g. a command that makes it fail rather than end well).
+Renew = Callable[[int], "tuple[ssl.SSLSocket, int] | bytes | None"]
 
 
 class Stream:
@@ -75,7 +77,12 @@ class Stream:
             log.warning("the page stream broke (%d bytes out, %d in): reconnecting",
                         self.sent, self.received)
             renewed = renew(self.received)
-            if renewed is None:
+            if renewed is None or isinstance(renewed, bytes):
+                if renewed:
+                    try:
+                        self.local.sendall(renewed)
+                    except OSError:
+                        pass  # the local side is gone already
                 _shutdown(self.local)
                 return Relayed(self.sent, self.received, cut=True)
             remote, peer_received = renewed
