@@ -387,7 +387,11 @@ class Checkpoints:
                 rootfs = storage.mount(container_dir, info.rootfs)
                 revert.add("unmount storage", storage.unmount, container_dir)
                 step = "create cgroup"
-                host.cgroups.create(name)
+                # A spare cgroup with a process in it (cgroup v1): it becomes the restore
+                # helper, so nothing pays a cgroup migration here (host._take_standby).
+                standby = host._take_standby(name)
+                if standby is None:
+                    host.cgroups.create(name)
                 revert.add("remove cgroup", host._remove_cgroup, name)
                 step = "apply limits"
                 host.resources.apply(record)
@@ -399,7 +403,7 @@ class Checkpoints:
                 networked = host.network.mode(record) != "none"
                 revert.add("remove the network", host.network.teardown, record)
                 reply = self._run_restore(record, directory, rootfs, meta, lxcfs, networked,
-                                          before_resume, lazy)
+                                          before_resume, lazy, standby)
                 record.state = "running"
                 record.init_pid = reply["pid"]
                 record.init_start = reply["start"]
@@ -417,11 +421,13 @@ class Checkpoints:
         except OSError as exc:
             raise KamraError(f"restoring {name!r} failed at step '{step}': "
                              f"{exc.strerror or exc}; the checkpoint is kept") from None
+        finally:
+            host._refill_standby()
 
     def _run_restore(self, record: ContainerRecord, directory: str, rootfs: str,
                      meta: dict, lxcfs: str | None, networked: bool,
                      before_resume: Callable[[ContainerRecord], None] | None,
-                     lazy: bool = False) -> dict:
+                     lazy: bool = False, standby: str | None = None) -> dict:
         host = self.host
         name = record.name
         opts: dict[str, Any] = {
@@ -444,7 +450,8 @@ class Checkpoints:
         try:
             sock = host.keeper.session({
                 "op": "restore", "name": name, "opts": opts, "criu": criu_binary(),
-                "cgroup_procs": host.cgroups.procs_files(name),
+                "standby": standby,  # in the cgroup already: no need to join it
+                "cgroup_procs": [] if standby else host.cgroups.procs_files(name),
                 "console_log": os.path.join(host.layout.container_dir(name), "console.log"),
                 "log_path": os.path.join(directory, "restore.log"),
                 "forward": ((["post-setup-namespaces"] if networked else [])

@@ -88,14 +88,15 @@ def standby(ctrl_fd: int, cgroup_procs: list[str], ready_w: int) -> None:
     When a container starts, the engine renames the spare cgroup to the container's name
     and the keeper hands the launcher the spawn request; only then does it fork the init,
     which is born in the cgroup (no migration on the start path) and is as old as the
-    container (LXCFS tells the container its uptime from the init's age).
+    container (LXCFS tells the container its uptime from the init's age). A restore
+    request makes it the restore helper instead (kamra.runtime.restorer): CRIU runs in
+    the cgroup already, and so will what it restores.
     """
     try:
         child.clean_slate({ctrl_fd, ready_w})
         child.set_name("kamra-standby")
         try:
             child.write_cgroup_procs(cgroup_procs)
-            libc.unshare(libc.CLONE_NEWPID)
         except OSError as exc:
             os.write(ready_w, f"error prepare launcher: {exc.strerror}".encode())
             os._exit(1)
@@ -106,6 +107,13 @@ def standby(ctrl_fd: int, cgroup_procs: list[str], ready_w: int) -> None:
         sock.close()
         if req is None or not fds:
             os._exit(0)  # released
+        if req.get("op") == "restore":
+            from kamra.runtime.restorer import restore_helper
+
+            # [kamrad's connection, the keeper's adopt socket, the images directory]
+            restore_helper(socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1]), req,
+                           fds[2:])
+        libc.unshare(libc.CLONE_NEWPID)  # the init to come is its pid 1
         # [report, stdio x3 unless the init makes its console, netns if wired]
         report_w = fds[0]
         stdio = None if req.get("console", True) else (fds[1], fds[2], fds[3])
