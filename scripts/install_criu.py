@@ -17,7 +17,9 @@ a TCP or UDP socket on kernels from 6.16 on; CRIU 4.2.1 works. So:
    delete the host's other package lists. The tarball is fetched by apt's own downloader
    (the host's proxy and auth settings apply) and checked against the SHA256 from the
    signed index, built with Debian 12's build dependencies (``make criu``: the binary only,
-   no docs or Python bindings), installed as /usr/local/sbin/criu and cached.
+   no docs or Python bindings), installed as /usr/local/sbin/criu and cached. Its RUNDIR
+   is KDAT_DIR, a tmpfs on every host, so CRIU keeps its kernel probes across runs (see
+   src/kamra/checkpoint/kdat.py); a build of ours made without it is made again.
 
 The mirror is the host's (read from /etc/apt by kamra.templates.aptsources); no host name
 is written here. Any failure ends setup with the failing command's output.
@@ -40,6 +42,9 @@ from dataclasses import dataclass
 
 MINIMUM = "4.2"
 INSTALLED = "/usr/local/sbin/criu"
+# CRIU's RUNDIR, where it caches its kernel probes: a tmpfs it is on every host, kept
+# safe by kamra before each run (src/kamra/checkpoint/kdat.py, KDAT_DIR: the same path).
+KDAT_DIR = "/dev/shm/kamra-criu"
 SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CACHE = "/var/cache/kamra/criu"
 APT_DIR = "/etc/apt"
@@ -376,7 +381,8 @@ def build(tarball: str, workdir: str, log_path: str) -> str:
     env = {k: v for k, v in os.environ.items()
            if k not in ("CFLAGS", "LDFLAGS", "CPPFLAGS", "MAKEFLAGS", "MFLAGS")}
     with open(log_path, "w") as logf:
-        proc = subprocess.run(["make", f"-j{jobs}", "criu"], cwd=top, env=env, stdout=logf,
+        proc = subprocess.run(["make", f"-j{jobs}", f"RUNDIR={KDAT_DIR}", "criu"], cwd=top,
+                              env=env, stdout=logf,
                               stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
         with open(log_path) as f:
@@ -384,6 +390,16 @@ def build(tarball: str, workdir: str, log_path: str) -> str:
         raise SetupError(f"building CRIU failed (exit {proc.returncode}; full log in "
                          f"{log_path}):\n{tail.rstrip()}")
     return os.path.join(top, "criu", "criu")
+
+
+def caches_kdat(binary: str) -> bool:
+    """Whether ``binary`` was built by this script: it keeps its kernel probes in
+    KDAT_DIR (an earlier build kept them in /run, not a tmpfs on every host)."""
+    try:
+        with open(binary, "rb") as f:
+            return f"{KDAT_DIR}/criu.kdat".encode() in f.read()
+    except OSError:
+        return False
 
 
 def install(binary: str) -> None:
@@ -402,6 +418,8 @@ def cached_builds() -> list[tuple[str, str]]:
     except FileNotFoundError:
         return []
     for name in names:
+        if name.startswith("."):
+            continue  # the lock file
         binary = os.path.join(CACHE, name, "criu")
         if new_enough(name) and os.path.isfile(binary):
             builds.append((name, binary))
@@ -422,6 +440,8 @@ def ensure_criu() -> str:
     present = INSTALLED if os.path.exists(INSTALLED) else shutil.which("criu", path=SEARCH_PATH)
     if present:
         version, ok, why = assess(present)
+        if ok and present == INSTALLED and not caches_kdat(present):
+            ok, why = False, f"built without RUNDIR={KDAT_DIR}: building it again"
         if ok:
             return f"criu {version} at {present}; criu check: {why}"
         log(f"{present}: {why}")
@@ -429,6 +449,8 @@ def ensure_criu() -> str:
     # 2. Built by an earlier run (this checkout or another): no network needed.
     for _version, binary in cached_builds():
         version, ok, why = assess(binary)
+        if ok and not caches_kdat(binary):
+            ok, why = False, f"built without RUNDIR={KDAT_DIR}"
         if not ok:
             log(f"cached {binary}: {why}")
             continue
@@ -458,7 +480,7 @@ def ensure_criu() -> str:
             fetch_tarball(release, mirror, workdir, tarball)
         cached = os.path.join(cache, "criu")
         version = criu_version(cached) if os.path.isfile(cached) else None
-        if version == release.upstream:
+        if version == release.upstream and caches_kdat(cached):
             # Built from this very tarball, runs, but failed its check above: building it
             # again would not help; the check below says why.
             how = f"cached in {cache}"

@@ -217,3 +217,45 @@ def test_check_verdict_is_picked_out_of_warnings():
     assert ic.first_line(output) == "Looks good."
     assert ic.first_line("Error: something\n") == "Error: something"
     assert ic.first_line("") == ""
+
+
+def test_our_criu_keeps_its_kernel_probes_in_kamras_tmpfs_dir():
+    """The CRIU setup installs caches its kernel probes where kamra keeps them safe (the
+    two agree on the path), and really writes the cache there on a run."""
+    from kamra.checkpoint import kdat
+    from kamra.checkpoint.criu import Criu
+
+    assert ic.KDAT_DIR == kdat.KDAT_DIR
+    if not os.path.exists(ic.INSTALLED):
+        pytest.skip("no CRIU built by setup here (a distribution's is used)")
+    assert ic.caches_kdat(ic.INSTALLED), f"{ic.INSTALLED} was built without RUNDIR"
+    Criu(ic.INSTALLED)  # makes the directory safe, as before every run
+    subprocess.run([ic.INSTALLED, "check"], capture_output=True, timeout=120, check=False)
+    cache = os.path.join(kdat.KDAT_DIR, "criu.kdat")
+    assert os.path.isfile(cache) and os.stat(cache).st_uid == 0
+
+
+def test_the_kdat_dir_is_taken_back_from_anyone_else(tmp_path):
+    """/dev/shm is everyone's: a directory another user made, a symlink or a file under
+    the cache's name is moved away and the directory made again, root's and 0700."""
+    import stat
+
+    from kamra.checkpoint import kdat
+
+    path = str(tmp_path / "kamra-criu")
+    os.mkdir(path, 0o777)
+    os.chown(path, 65534, 65534)
+    with open(os.path.join(path, "criu.kdat"), "w") as f:
+        f.write("forged")
+    assert kdat.ensure_dir(path)
+    st = os.lstat(path)
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o700
+    assert os.listdir(path) == []
+    os.rmdir(path)
+    os.symlink(str(tmp_path), path)
+    assert kdat.ensure_dir(path) and not os.path.islink(path)
+    os.rmdir(path)
+    with open(path, "w") as f:
+        f.write("x")
+    assert kdat.ensure_dir(path) and os.path.isdir(path)
+    assert sorted(os.listdir(tmp_path)) == ["kamra-criu"]  # nothing left aside

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
-from kamra.checkpoint import rpc
+from kamra.checkpoint import kdat, rpc
 
 # (script name, pid or 0, received descriptors: the callee's to close)
 Notify = Callable[[str, int, list[int]], None]
@@ -159,6 +159,7 @@ class Criu:
 
     def __init__(self, binary: str = "criu"):
         self.binary = binary
+        kdat.ensure_dir()  # CRIU's kernel-probe cache, safe to read (kamra.checkpoint.kdat)
 
     def run(self, kind: str, opts: Mapping[str, Any], *, pass_fds: Sequence[int] = (),
             notify: Notify | None = None, log_path: str | None = None,
