@@ -296,6 +296,18 @@ class Keeper:
                 released.append({"id": sid, "pid": spare.pid})
         self._reply(conn, {"ok": True, "released": released}, close=True)
 
+    def _hand_to_standby(self, req: dict, fds: list[int]) -> bool:
+        """Give ``req`` and ``fds`` to the standby it names, if there is one; whether
+        it went (our copies of ``fds`` stay ours to close)."""
+        spare = self.standbys.pop(req.get("standby") or "", None)
+        if spare is None:
+            return False
+        try:
+            fdpass.send(spare.ctrl, req, fds)
+        finally:
+            spare.ctrl.close()
+        return True
+
     def _op_spawn(self, conn: socket.socket, req: dict, fds: list[int]) -> None:
         name = req["name"]
         self._make_room(name)
@@ -307,15 +319,9 @@ class Keeper:
         stdio = None if console else (fds[0], fds[1], fds[2])
         # A stream socket, not a pipe: the init sends its console pty over it.
         report, report_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        spare = self.standbys.pop(req.get("standby") or "", None)
-        if spare is not None:
-            handed = [report_w.fileno(), *(stdio or ())] + \
-                ([netns_fd] if netns_fd is not None else [])
-            try:
-                fdpass.send(spare.ctrl, req, handed)
-            finally:
-                spare.ctrl.close()
-        else:
+        handed = [report_w.fileno(), *(stdio or ())] + \
+            ([netns_fd] if netns_fd is not None else [])
+        if not self._hand_to_standby(req, handed):
             pid = os.fork()
             if pid == 0:
                 report.close()
@@ -401,13 +407,8 @@ class Keeper:
         name = req["name"]
         self._make_room(name)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        spare = self.standbys.pop(req.get("standby") or "", None)
-        if spare is not None:  # in the container's cgroup already (see initproc.standby)
-            try:
-                fdpass.send(spare.ctrl, req, [conn.fileno(), theirs.fileno(), *fds])
-            finally:
-                spare.ctrl.close()
-        else:
+        # A standby is in the container's cgroup already (see initproc.standby).
+        if not self._hand_to_standby(req, [conn.fileno(), theirs.fileno(), *fds]):
             pid = os.fork()
             if pid == 0:
                 ours.close()
