@@ -119,6 +119,25 @@ def release_network_lock(pid: int) -> list[str]:
         os.close(fd)
 
 
+def _drop_cached(directory: str) -> None:
+    """Drop the page cache of the files in ``directory`` (a checkpoint about to be
+    replaced, nobody reads it again): seen here, a gigabyte of them cached made the next
+    dump's writes crawl at disk speed (3.7-5.0 s against 0.6-1.2 s for 1 GB)."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            fd = os.open(os.path.join(directory, entry), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # a directory (tmpfs contents) or gone
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def _replace_dir(new: str, final: str) -> None:
     """Put ``new`` in place of ``final``; the old one goes in the background."""
     _remove_later(final)
@@ -245,6 +264,7 @@ class Checkpoints:
         if not transient:
             shutil.rmtree(work, ignore_errors=True)
             os.makedirs(work, 0o700)
+            _drop_cached(final)
         record.state = "checkpointing"
         host.store.update(record)
         lxcfs = lxcfs_mounts(record.init_pid)

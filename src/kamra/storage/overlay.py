@@ -138,7 +138,9 @@ class OverlayStorage(StorageBackend):
     def destroy(self, container_dir: str) -> None:
         self.unmount(container_dir)
         if os.path.isdir(container_dir):
-            shutil.rmtree(container_dir)
+            # A replaced checkpoint may still be going in the background meanwhile
+            # (kamra.engine.checkpoint._remove_later): what it removed first is fine.
+            shutil.rmtree(container_dir, onerror=_unless_gone)
 
     # -- disk quota ---------------------------------------------------------------------
     def usage(self, container_dir: str) -> DiskUsage:
@@ -257,3 +259,9 @@ class OverlayStorage(StorageBackend):
             os.rmdir(image.mountpoint)  # an empty mount point, left by the last image
         except OSError:
             pass
+
+
+def _unless_gone(func: object, path: str, exc_info: tuple) -> None:
+    """shutil.rmtree's onerror: a file something else removed first is no error."""
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
