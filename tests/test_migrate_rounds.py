@@ -119,3 +119,51 @@ def test_kamrad_removes_what_interrupted_migrations_left(cli, root):
         f.write(b"partial archive")
     cli.run("list", check=True)  # starts kamrad
     assert [e for e in os.listdir(run) if e.startswith("incoming-")] == []
+
+
+def test_a_round_takes_files_that_change_or_go_while_it_reads():
+    """A round copies a running container's files: one growing while tar reads it (as
+    a journal does) and one deleted meanwhile are no error; the round is a valid
+    archive, and the grown file is newer than the round's mark, so the next delta
+    takes it again."""
+    import io
+    import threading
+
+    with tempfile.TemporaryDirectory() as work:
+        upper = os.path.join(work, "upper")
+        os.makedirs(os.path.join(upper, "var", "log"))
+        journal = os.path.join(upper, "var", "log", "journal")
+        with open(journal, "wb") as f:
+            f.write(os.urandom(64 << 20))
+        for i in range(200):
+            with open(os.path.join(upper, f"gone{i}"), "w") as f:
+                f.write("x")
+        mark = time.time() - 1
+        stop = threading.Event()
+
+        def churn() -> None:
+            i = 0
+            while not stop.is_set():
+                with open(journal, "ab") as f:
+                    f.write(b"y" * 4096)
+                if i < 200:
+                    os.unlink(os.path.join(upper, f"gone{i}"))
+                i += 1
+
+        writer = threading.Thread(target=churn)
+        writer.start()
+        out = io.BytesIO()
+        try:
+            archive.stream_files(out, upper, None)
+        finally:
+            stop.set()
+            writer.join()
+        assert out.getbuffer().nbytes > 0
+        target = os.path.join(work, "copy")
+        os.makedirs(target)
+        path = os.path.join(work, "round.tar.zst")
+        with open(path, "wb") as f:
+            f.write(out.getvalue())
+        archive.extract(path, target)
+        assert os.path.getsize(os.path.join(target, "upper", "var", "log", "journal")) >= 64 << 20
+        assert os.stat(journal).st_mtime > mark

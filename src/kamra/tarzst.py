@@ -48,9 +48,11 @@ def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
 
 
 def tar_to_zstd(argv: list[str], out: BinaryIO, what: str,
-                progress: Callable[[int], None] | None = None, level: int = 3) -> None:
+                progress: Callable[[int], None] | None = None, level: int = 3,
+                ok_codes: tuple[int, ...] = (0,)) -> None:
     """Run ``argv`` (a tar writing to stdout) and compress its output into ``out``; a
-    failing tar raises KamraError naming ``what`` and tar's own words."""
+    failing tar raises KamraError naming ``what`` and tar's own words. ``ok_codes``:
+    tar's exit statuses that are not a failure (1: a file changed while it was read)."""
     # The content checksum lets any zstd reader detect a corrupted file, not just kamra.
     cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
     with tempfile.TemporaryFile() as err:
@@ -70,7 +72,7 @@ def tar_to_zstd(argv: list[str], out: BinaryIO, what: str,
             proc.kill()
             proc.wait()
             raise
-        if code != 0:
+        if code not in ok_codes:
             raise KamraError(f"{what} failed: tar: {stderr_tail(err)}")
 
 

@@ -80,10 +80,18 @@ def stream(out: BinaryIO, manifest: dict[str, Any], checkpoint_dir: str | None,
                     "packing the container", level=1)
 
 
+# A round copies the files of a container that runs: a file may change, shrink or go
+# while tar reads it. Not an error: changed after the round's mark, it goes again in the
+# next round or in the last delta, taken frozen or stopped (tar's exit status 1).
+_WHILE_RUNNING = ["--ignore-failed-read", "--warning=no-file-changed",
+                  "--warning=no-file-removed", "--warning=no-file-shrank"]
+
+
 def stream_files(out: BinaryIO, upper_dir: str, since: float | None) -> None:
     """A round of a migration's file copy: upper/ only, or what changed since ``since``."""
-    tar_to_zstd(["tar", *_TAR, *_newer(since), "-cf", "-", *_upper_argv(upper_dir)], out,
-                "packing the container's files", level=1)
+    tar_to_zstd(["tar", *_TAR, *_WHILE_RUNNING, *_newer(since), "-cf", "-",
+                 *_upper_argv(upper_dir)], out, "packing the container's files", level=1,
+                ok_codes=(0, 1))
 
 
 def upper_paths(upper_dir: str) -> list[str]:
