@@ -211,3 +211,21 @@ def test_starts_use_a_standby_launcher_on_cgroup_v1(host):
     assert code == 0 and out.split() == [name, "init", "/bin/busybox"]
     assert started["init_pid"] in host.cgroups.pids(name)
     host.stop(name, timeout=10)
+
+
+def test_destroy_force_ends_processes_whatever_the_recorded_state(host):
+    """A container whose record says it is not running (a checkpoint cut short leaves
+    it 'checkpointing') but whose processes live: destroy --force ends them and leaves
+    no cgroup (the root fixture checks); without --force it refuses."""
+    name = unique()
+    host.create(name, "busybox", init=["/bin/sh", "-c", "sleep 100000"])
+    host.start(name)
+    record = host.store.get(name)
+    pid = record.init_pid
+    record.state = "checkpointing"
+    host.store.update(record)
+    with pytest.raises(Conflict):
+        host.destroy(name)
+    host.destroy(name, force=True)
+    assert not os.path.exists(f"/proc/{pid}")
+    assert host.store.get(name) is None

@@ -615,7 +615,9 @@ class Host:
     def destroy(self, name: str, *, force: bool = False) -> None:
         with self._lock(name):
             record = self._record(name)
-            if record.state in RUNNING_STATES:
+            # Processes in its cgroup in another state (a checkpoint that was cut short)
+            # are running all the same: left there, they would keep cgroups alive.
+            if record.state in RUNNING_STATES or self.cgroups.pids(name):
                 if not force:
                     raise Conflict(f"container {name!r} is running: stop it first or use --force")
                 self._stop_locked(record, 0, True)
