@@ -318,6 +318,7 @@ def test_a_hostile_or_foreign_archive_is_refused_and_nothing_is_made(cli, tmp_pa
         (archive({"kamra-checkpoint.json": manifest, "../evil": b"x"}), "outside"),
         (archive({"kamra-checkpoint.json": manifest, "upper/../../evil": b"x"}), "outside"),
         (archive({"kamra-checkpoint.json": b'{"format": 99}'}), "not a kamra checkpoint"),
+        (archive({"kamra-checkpoint.json": manifest}), "names no container"),
         (archive({"rootfs/bin/sh": b"x"}), "outside"),
         (str(tmp_path / "missing.tar.zst"), "not found"),
     ]

@@ -181,9 +181,12 @@ def _problem(member: tarfile.TarInfo, links: set[str]) -> str | None:
     if member.issym():
         links.add(name)
     if member.islnk():
-        target = member.linkname.split("/")
-        if target[0] not in PARTS or ".." in target:
+        target = member.linkname.rstrip("/").split("/")
+        if target[0] not in PARTS or ".." in target or member.linkname.startswith("/"):
             return f"hard link {member.name!r} points outside the archive"
+        for i in range(1, len(target)):
+            if "/".join(target[:i]) in links:
+                return f"hard link {member.name!r} points through a symlink"
     if member.isdev() or member.isfifo():
         whiteout = member.ischr() and member.devmajor == 0 and member.devminor == 0
         if not (whiteout and parts[0] == "upper"):

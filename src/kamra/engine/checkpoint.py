@@ -38,7 +38,7 @@ from kamra import scratch
 from kamra.atomic import write_file
 from kamra.checkpoint.criu import Criu, CriuError
 from kamra.engine.revert import Revert
-from kamra.errors import Conflict, KamraError, NotFound
+from kamra.errors import Conflict, InvalidInput, KamraError, NotFound
 from kamra.linux import fdpass, libc, proc
 from kamra.runtime.keeper_client import KeeperError
 from kamra.state.base import Forward
@@ -545,7 +545,11 @@ class Checkpoints:
         manifest = archive.read(path)
         if host.store.get(name) is not None:
             raise_exists(name)
-        saved = manifest["container"]
+        saved = manifest.get("container")
+        if not isinstance(saved, dict) or not all(
+                isinstance(saved.get(key), str) for key in ("template", "template_digest")):
+            raise InvalidInput(f"archive {path} is not a kamra checkpoint archive: its "
+                               "manifest names no container and template")
         info = host.templates.get(saved["template"])
         if info.digest != saved["template_digest"]:
             raise Conflict(f"template {info.name!r} here is {info.digest}, the checkpoint "
