@@ -529,12 +529,14 @@ class Checkpoints:
         return {"ok": True}
 
     def _import(self, name: str, path: str, base_upper: str | None = None,
-                arriving_from: str | None = None) -> None:
+                arriving_from: str | None = None, images: str | None = None) -> None:
         """Make container ``name`` from an exported checkpoint, in state checkpointed.
         ``base_upper``: the files copied in earlier rounds of a migration, which the
         archive's upper/ (a delta, with ``upper_paths`` in the manifest) completes.
         ``arriving_from``: the source host of a migration not yet committed (the record
-        says so from its first write, so a crash of kamrad cannot leave a copy)."""
+        says so from its first write, so a crash of kamrad cannot leave a copy).
+        ``images``: a directory of CRIU's images that came beside the archive (a
+        migration's); it becomes the checkpoint directory."""
         from kamra.checkpoint import archive
         from kamra.engine.host import raise_exists
         from kamra.names import check_name
@@ -586,6 +588,12 @@ class Checkpoints:
                 os.rename(base_upper, upper)
             if "upper_paths" in manifest:
                 archive.prune(os.path.join(container_dir, "upper"), manifest["upper_paths"])
+            if images is not None:
+                checkpoint = os.path.join(container_dir, CHECKPOINT)
+                if os.path.lexists(checkpoint):
+                    raise InvalidInput(f"archive {path} holds a checkpoint beside the one "
+                                       "sent with it")
+                shutil.move(images, checkpoint)  # a rename: both are in the data root
             quota = host.resources.limits(record).get("limits.disk")
             if quota:
                 storage.set_quota(container_dir, quota)  # type: ignore[arg-type]

@@ -235,21 +235,31 @@ class Migrations:
         manifest = host.checkpoints._manifest(record, meta)
         if trip.since is not None:
             manifest["upper_paths"] = archive.upper_paths(upper)
+        # CRIU's images go as they are, ahead of the archive: no tar to run on either
+        # side for them and no second pass to check them, with the container down.
+        names = wire.plain_files(images) if images else None
         return self._upload(
             trip, {"op": "send", "name": record.name, "pages": trip.id if pages else None,
-                   "files": trip.id if trip.since is not None else None},
-            lambda out: archive.stream(out, manifest, images, upper, trip.since),
+                   "files": trip.id if trip.since is not None else None,
+                   "images": names is not None},
+            lambda out: archive.stream(out, manifest, None if names is not None else images,
+                                       upper, trip.since),
             "send", None, f"sending {record.name!r} to the target failed",
-            f"sending {record.name!r} to {trip.remote} failed: ")
+            f"sending {record.name!r} to {trip.remote} failed: ",
+            preface=(lambda sock: wire.send_files(sock, images, names))
+            if images and names is not None else None)
 
     def _upload(self, trip: _Trip, request: dict, write: Callable[[wire.FileSender], None],
-                phase: str, label: str | None, failed: str, refused: str) -> int:
-        """Send ``request``, then what ``write`` writes as a file; the target must answer
-        ok. Returns the bytes sent."""
+                phase: str, label: str | None, failed: str, refused: str,
+                preface: Callable[[ssl.SSLSocket], int] | None = None) -> int:
+        """Send ``request``, then what ``preface`` sends (returning its bytes), then
+        what ``write`` writes as a file; the target must answer ok. Returns the bytes
+        sent."""
         sock = trip.sock
         try:
             wire.send(sock, request)
-            sender = wire.FileSender(sock, lambda n: emit(trip.progress, phase, n,
+            before = preface(sock) if preface is not None else 0
+            sender = wire.FileSender(sock, lambda n: emit(trip.progress, phase, before + n,
                                                           message=label))
             write(sender)
             sender.close()
@@ -258,7 +268,7 @@ class Migrations:
             raise KamraError(f"{failed}: {exc or type(exc).__name__}") from None
         if "error" in reply:
             raise RemoteRefused(refused + str(reply["error"]))
-        return sender.sent
+        return before + sender.sent
 
     def _precopy(self, trip: _Trip, record: ContainerRecord) -> None:
         """Copy the container's files while it runs, in rounds: everything, then what
@@ -802,7 +812,8 @@ class Migrations:
                     elif op == "send":
                         imported = self._receive(sock, str(message["name"]),
                                                  message.get("pages"), message.get("files"),
-                                                 source=peer.rsplit(":", 1)[0])
+                                                 source=peer.rsplit(":", 1)[0],
+                                                 images=bool(message.get("images")))
                         wire.send(sock, {"ok": True})
                     elif op == "restore" and message.get("lazy"):
                         name = str(message["name"])
@@ -1136,10 +1147,16 @@ class Migrations:
                 pass
 
     def _receive(self, sock: ssl.SSLSocket, name: str, pages: str | None,
-                 files: str | None, source: str) -> str:
-        path = os.path.join(self.host.layout.run, f"incoming-{name}-{os.urandom(3).hex()}")
+                 files: str | None, source: str, images: bool = False) -> str:
+        """The container's archive, and CRIU's images ahead of it if ``images``."""
+        tag = f"{name}-{os.urandom(3).hex()}"
+        path = os.path.join(self.host.layout.run, f"incoming-{tag}")
+        staged = os.path.join(self.host.layout.run, f"incoming-images-{tag}")
         began = time.perf_counter()
         try:
+            if images:
+                os.makedirs(staged, 0o700)
+                wire.recv_files(sock, staged, MAX_ARCHIVE)
             with open(path, "wb") as f:
                 wire.recv_file(sock, f, MAX_ARCHIVE)
             received = time.perf_counter()
@@ -1149,7 +1166,8 @@ class Migrations:
                     base = os.path.join(self._files_dir(str(files)), "upper")
                     if not os.path.isdir(base):
                         raise Conflict(f"the earlier file rounds of {name!r} are missing")
-                self.host.checkpoints._import(name, path, base, arriving_from=source)
+                self.host.checkpoints._import(name, path, base, arriving_from=source,
+                                              images=staged if images else None)
                 if pages:
                     try:
                         self._attach_pages(name, str(pages))
@@ -1163,6 +1181,7 @@ class Migrations:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+            shutil.rmtree(staged, ignore_errors=True)  # (moved into place if imported)
         return name
 
     def _restore_here(self, sock: ssl.SSLSocket, name: str, committed: list[bool]) -> dict:
