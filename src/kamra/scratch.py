@@ -7,10 +7,15 @@ on a tmpfs almost nothing. ``/dev/shm`` is the tmpfs every Linux host has; each
 directory is made there with ``mkdtemp`` (a fresh name, mode 0700, so nobody else can
 squat or read it), named after the kamra root so that kamrad, starting, removes only
 its own leftovers. Without a tmpfs there, the caller's fallback on disk is used.
+
+A migration's target keeps the images it receives there too (the checkpoint directory
+of the arriving container is then a symlink to it): ``remove_tree`` removes such a
+link together with the directory in memory.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -58,3 +63,30 @@ def sweep(root_id: str) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def _ours(target: str) -> bool:
+    return os.path.dirname(target) == MEMORY and os.path.basename(target).startswith("kamra-")
+
+
+def remove_tree(path: str) -> None:
+    """Remove the directory ``path``, or the symlink ``path`` and the directory in
+    memory it points to (one ``in_memory`` made; any other target is left alone)."""
+    if os.path.islink(path):
+        target = os.readlink(path)
+        os.unlink(path)
+        if _ours(target):
+            shutil.rmtree(target, ignore_errors=True)
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def adopt(directory: str, path: str) -> None:
+    """Make ``directory`` (maybe ``in_memory``) available as ``path``: renamed there if
+    both are on one filesystem, else ``path`` becomes a symlink to it."""
+    try:
+        os.rename(directory, path)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        os.symlink(directory, path)

@@ -81,6 +81,9 @@ def lxcfs_mounts(pid: int) -> list[str]:
 def _remove_later(path: str) -> None:
     """Move ``path`` aside and remove it in the background (a gigabyte of images takes a
     while to unlink, and nobody needs to wait for it)."""
+    if os.path.islink(path):  # images of an arrival, in memory: gone at once
+        scratch.remove_tree(path)
+        return
     old = f"{path}.old-{os.urandom(3).hex()}"
     try:
         os.rename(path, old)
@@ -536,7 +539,8 @@ class Checkpoints:
         ``arriving_from``: the source host of a migration not yet committed (the record
         says so from its first write, so a crash of kamrad cannot leave a copy).
         ``images``: a directory of CRIU's images that came beside the archive (a
-        migration's); it becomes the checkpoint directory."""
+        migration's, maybe in memory: kamra.scratch); it becomes the checkpoint
+        directory."""
         from kamra.checkpoint import archive
         from kamra.engine.host import raise_exists
         from kamra.names import check_name
@@ -593,7 +597,8 @@ class Checkpoints:
                 if os.path.lexists(checkpoint):
                     raise InvalidInput(f"archive {path} holds a checkpoint beside the one "
                                        "sent with it")
-                shutil.move(images, checkpoint)  # a rename: both are in the data root
+                scratch.adopt(images, checkpoint)
+                revert.add("remove the images", scratch.remove_tree, checkpoint)
             quota = host.resources.limits(record).get("limits.disk")
             if quota:
                 storage.set_quota(container_dir, quota)  # type: ignore[arg-type]
@@ -608,4 +613,4 @@ class Checkpoints:
         except FileNotFoundError:
             return
         for entry in [CHECKPOINT, *leftovers]:
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            scratch.remove_tree(os.path.join(parent, entry))

@@ -624,6 +624,7 @@ class Host:
             self._destroy_locked(record)
 
     def _destroy_locked(self, record: ContainerRecord) -> None:
+        self.checkpoints.discard(record.name)  # (its images may be in memory: a symlink)
         self.storage(record).destroy(self.layout.container_dir(record.name))
         self.network.release(record.name)
         self.store.delete(record.name)

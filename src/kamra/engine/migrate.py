@@ -48,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kamra import scratch
 from kamra.checkpoint import archive, page_protocol
 from kamra.checkpoint.criu import Criu, log_errors
 from kamra.checkpoint.page_protocol import AnswerAhead
@@ -813,7 +814,8 @@ class Migrations:
                         imported = self._receive(sock, str(message["name"]),
                                                  message.get("pages"), message.get("files"),
                                                  source=peer.rsplit(":", 1)[0],
-                                                 images=bool(message.get("images")))
+                                                 images=bool(message.get("images")),
+                                                 trip=str(trip) if trip else None)
                         wire.send(sock, {"ok": True})
                     elif op == "restore" and message.get("lazy"):
                         name = str(message["name"])
@@ -959,12 +961,15 @@ class Migrations:
         fetches the memory from the source while (and after) the tasks run."""
         with self._guard:
             incoming = self._incoming.pop(trip, None)
-        if incoming is None or incoming.criu_end is None:
+        if incoming is None or (incoming.criu_end is None and incoming.proc is None):
             raise Conflict(f"no page connection of {name!r} is open")
         directory = self.host.checkpoints.directory(name)
         try:
-            daemon = Criu(criu_binary()).lazy_pages(directory, incoming.criu_end.fileno())
+            # (Started as the images arrived, see _receive; else now.)
+            daemon = incoming.proc or Criu(criu_binary()).lazy_pages(
+                directory, incoming.criu_end.fileno())  # type: ignore[union-attr]
         finally:
+            incoming.proc = None  # ours now
             incoming.discard()  # our copy of CRIU's end: the daemon holds its own
         listening = os.path.join(directory, "lazy-pages.socket")
         deadline = time.monotonic() + 10
@@ -995,7 +1000,7 @@ class Migrations:
         else:
             log.error("lazy pages of %s failed: %s", name, "; ".join(
                 log_errors(os.path.join(directory, "lazy-pages.log"))) or f"exit {code}")
-        shutil.rmtree(directory, ignore_errors=True)  # the spent checkpoint
+        scratch.remove_tree(directory)  # the spent checkpoint
 
     def _attach_pages(self, name: str, trip: str) -> None:
         """Put the pages the page server wrote next to the checkpoint's other images."""
@@ -1146,17 +1151,39 @@ class Migrations:
             except FileNotFoundError:
                 pass
 
+    def _start_lazy_pages(self, trip: str, images: str) -> None:
+        """A lazy migration's images are here: start CRIU's lazy-pages daemon on its page
+        connection now, so that it is ready by the time the source has committed (it
+        waits for the restore; a migration that goes no further ends it with the
+        connection, see _IncomingPages.discard)."""
+        with self._guard:
+            incoming = self._incoming.get(trip)
+            if incoming is None or incoming.criu_end is None or incoming.proc is not None:
+                return
+            incoming.proc = Criu(criu_binary()).lazy_pages(images, incoming.criu_end.fileno())
+            incoming.criu_end.close()  # the daemon holds its own
+            incoming.criu_end = None
+
     def _receive(self, sock: ssl.SSLSocket, name: str, pages: str | None,
-                 files: str | None, source: str, images: bool = False) -> str:
+                 files: str | None, source: str, images: bool = False,
+                 trip: str | None = None) -> str:
         """The container's archive, and CRIU's images ahead of it if ``images``."""
         tag = f"{name}-{os.urandom(3).hex()}"
         path = os.path.join(self.host.layout.run, f"incoming-{tag}")
         staged = os.path.join(self.host.layout.run, f"incoming-images-{tag}")
+        adopted = False
         began = time.perf_counter()
         try:
-            if images:
+            if images and not pages:
+                # Written in memory: on this disk each new file can cost half a
+                # millisecond while the container is down; they are spent once restored.
+                staged = scratch.in_memory(self.host.layout.root_id, "arrival", staged)
+            elif images:  # (the pages, on disk, are moved next to them)
                 os.makedirs(staged, 0o700)
+            if images:
                 wire.recv_files(sock, staged, MAX_ARCHIVE)
+            if images and not pages and trip is not None:
+                self._start_lazy_pages(trip, staged)
             with open(path, "wb") as f:
                 wire.recv_file(sock, f, MAX_ARCHIVE)
             received = time.perf_counter()
@@ -1168,6 +1195,7 @@ class Migrations:
                         raise Conflict(f"the earlier file rounds of {name!r} are missing")
                 self.host.checkpoints._import(name, path, base, arriving_from=source,
                                               images=staged if images else None)
+                adopted = images
                 if pages:
                     try:
                         self._attach_pages(name, str(pages))
@@ -1181,7 +1209,8 @@ class Migrations:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-            shutil.rmtree(staged, ignore_errors=True)  # (moved into place if imported)
+            if not adopted:
+                shutil.rmtree(staged, ignore_errors=True)
         return name
 
     def _restore_here(self, sock: ssl.SSLSocket, name: str, committed: list[bool]) -> dict:
