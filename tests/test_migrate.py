@@ -660,12 +660,15 @@ def test_a_lazy_restore_that_fails_there_gives_the_container_back(hosts):
         fake.close()
 
 
-@pytest.mark.parametrize("cut", ["files", "pages", "send"])
+@pytest.mark.parametrize("cut", ["files", "pages", "send", "lazy-send"])
 def test_the_target_cleans_up_when_the_source_goes_away(hosts, cut):
     """A source (here: the test, speaking the protocol) hangs up after a round of files,
-    after opening the page stream, or after the whole archive: the target removes what
-    it received, its page server ends, and no container is left."""
+    after opening the page stream, after the whole archive, or (lazy) after the images
+    and the archive: the target removes what it received (a lazy arrival's images in
+    memory too), its page server or lazy-pages daemon ends, and no container is left."""
+    from kamra import scratch
     from kamra.checkpoint import archive
+    from kamra.remote import wire
 
     b = hosts.cli_b
     source = FakeSource(hosts)
@@ -694,6 +697,29 @@ def test_the_target_cleans_up_when_the_source_goes_away(hosts, cut):
             assert source.ask(pages, {"op": "pages", "name": name, "trip": trip}).get("ok")
             assert source.page_servers()
             assert os.path.isdir(os.path.join(source.run, f"incoming-pages-{trip}"))
+        elif cut == "lazy-send":
+            pages = source.connect()
+            assert source.ask(pages, {"op": "pages", "name": name, "trip": trip,
+                                      "lazy": True}).get("ok")
+            with open(os.path.join(upper, "core-1.img"), "wb") as f:  # CRIU's, as it were
+                f.write(os.urandom(5000))
+            wire.send(sock, {"op": "send", "name": name, "pages": None, "files": None,
+                             "images": True})
+            wire.send_files(sock, upper, ["core-1.img"])
+            sender = wire.FileSender(sock)
+            archive.stream(sender, manifest, None, upper)
+            sender.close()
+            assert wire.recv(sock)[0].get("ok")
+            checkpoint = os.path.join(Layout.at(hosts.roots[1]).container_dir(name),
+                                      "checkpoint")
+            images = os.readlink(checkpoint)  # in memory, until spent
+            assert os.path.dirname(images) == scratch.MEMORY
+            # The daemon started on them (it logs there; on these make-believe images it
+            # may give up at once, which is no matter here).
+            deadline = time.monotonic() + 5
+            while "lazy-pages.log" not in os.listdir(images) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "lazy-pages.log" in os.listdir(images), os.listdir(images)
         else:
             source.upload(sock, {"op": "send", "name": name, "pages": None, "files": None},
                           lambda out: archive.stream(out, manifest, None, upper))
@@ -704,6 +730,24 @@ def test_the_target_cleans_up_when_the_source_goes_away(hosts, cut):
         source.hang_up()
         shutil.rmtree(upper)
     source.target_is_clean()
+    if cut == "lazy-send":
+        deadline = time.monotonic() + 10
+        while daemons(images) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not daemons(images) and not os.path.exists(images)
+
+
+def daemons(marker: str) -> list[str]:
+    """Processes whose command line names ``marker``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
 
 
 def test_a_target_kamrad_killed_before_the_commit_drops_what_arrived(hosts):
