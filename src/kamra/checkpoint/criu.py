@@ -23,6 +23,7 @@ from __future__ import annotations
 import array
 import os
 import re
+import signal
 import socket
 import subprocess
 import tempfile
@@ -120,6 +121,19 @@ def _converse(sock: socket.socket, request: dict[str, Any], notify: Notify | Non
         sock.send(rpc.encode("criu_req", reply))
 
 
+def end(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a CRIU daemon kamra started (``page_server``, ``lazy_pages``) and whatever it
+    forked, then reap it. Killed while it probes the kernel, CRIU leaves the child it
+    forked for a ptrace probe sleeping forever (seen here): each daemon runs in a
+    process group of its own, and the whole group goes."""
+    if proc.returncode is None:  # not reaped yet: its pid (and group) is still its own
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 def _reap(proc: subprocess.Popen[bytes], *, answered: bool) -> None:
     if answered:
         try:
@@ -197,7 +211,8 @@ class Criu:
             [self.binary, "page-server", "--images-dir", images_dir,
              "--ps-socket", str(sock), "--log-file", "page-server.log", "-v4"],
             pass_fds=(sock,), close_fds=True, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # a group of its own: see end()
 
     def lazy_pages(self, images_dir: str, sock: int) -> subprocess.Popen[bytes]:
         """Start ``criu lazy-pages`` for a restore from ``images_dir`` with lazy pages:
@@ -210,7 +225,8 @@ class Criu:
             [self.binary, "lazy-pages", "--page-server", "--images-dir", images_dir,
              "--ps-socket", str(sock), "--log-file", "lazy-pages.log", "-v4"],
             pass_fds=(sock,), close_fds=True, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # a group of its own: see end()
 
     def version(self) -> tuple[int, int, int]:
         """(major, minor, sublevel) of the CRIU binary."""

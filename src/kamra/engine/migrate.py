@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kamra import scratch
-from kamra.checkpoint import archive, page_protocol
+from kamra.checkpoint import archive, criu, page_protocol
 from kamra.checkpoint.criu import Criu, log_errors
 from kamra.checkpoint.page_protocol import AnswerAhead
 from kamra.engine.checkpoint import DumpFailed, criu_binary, release_network_lock
@@ -982,9 +982,7 @@ class Migrations:
                     log_errors(os.path.join(directory, "lazy-pages.log")) or ["no socket"]))
             status = self.host.checkpoints.restore(name, lazy=True)
         except BaseException:
-            if daemon.poll() is None:
-                daemon.kill()
-            daemon.wait()
+            criu.end(daemon)
             raise
         threading.Thread(target=self._lazy_done, args=(name, daemon, directory),
                          name="kamra-lazy-pages", daemon=True).start()
@@ -1321,9 +1319,7 @@ class _IncomingPages:
         if self.criu_end is not None:
             self.criu_end.close()
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait()
+            criu.end(self.proc)
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
 
