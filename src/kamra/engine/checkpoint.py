@@ -80,16 +80,14 @@ def lxcfs_mounts(pid: int) -> list[str]:
 
 def _remove_later(path: str) -> None:
     """Move ``path`` aside and remove it in the background (a gigabyte of images takes a
-    while to unlink, and nobody needs to wait for it)."""
-    if os.path.islink(path):  # images of an arrival, in memory: gone at once
-        scratch.remove_tree(path)
-        return
+    while to unlink, and nobody needs to wait for it). A symlink (an arrival's images,
+    in memory) goes with what it points to."""
     old = f"{path}.old-{os.urandom(3).hex()}"
     try:
         os.rename(path, old)
     except FileNotFoundError:
         return
-    threading.Thread(target=shutil.rmtree, args=(old, True), daemon=True,
+    threading.Thread(target=scratch.remove_tree, args=(old,), daemon=True,
                      name="kamra-rm-checkpoint").start()
 
 

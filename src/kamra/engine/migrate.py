@@ -1172,16 +1172,16 @@ class Migrations:
         adopted = False
         began = time.perf_counter()
         try:
-            if images and not pages:
-                # Written in memory: on this disk each new file can cost half a
-                # millisecond while the container is down; they are spent once restored.
-                staged = scratch.in_memory(self.host.layout.root_id, "arrival", staged)
-            elif images:  # (the pages, on disk, are moved next to them)
-                os.makedirs(staged, 0o700)
             if images:
+                if pages:  # on disk: the pages, on disk too, are moved next to them
+                    os.makedirs(staged, 0o700)
+                else:
+                    # A lazy arrival's, in memory: on this disk each new file can cost
+                    # half a millisecond while the container is down.
+                    staged = scratch.in_memory(self.host.layout.root_id, "arrival", staged)
                 wire.recv_files(sock, staged, MAX_ARCHIVE)
-            if images and not pages and trip is not None:
-                self._start_lazy_pages(trip, staged)
+                if not pages and trip is not None:
+                    self._start_lazy_pages(trip, staged)
             with open(path, "wb") as f:
                 wire.recv_file(sock, f, MAX_ARCHIVE)
             received = time.perf_counter()
