@@ -176,6 +176,57 @@ def test_cli_checkpoint_restore_with_the_templates_own_init(cli):
     assert "con42sole" in out
 
 
+TMPFS_FILES = ("/tmp", "/tmp/d", "/tmp/d/f", "/tmp/d/hard", "/tmp/d/link", "/tmp/d/fifo",
+               "/dev/shm/seg", "/run/app", "/dev/extra", "/dev/null", "/dev/fd", "/dev/pts",
+               "/dev/console")
+
+
+def _tmpfs_view(cli, name: str) -> tuple[str, list[str]]:
+    """(stat of TMPFS_FILES, the container's tmpfs mounts with their options)."""
+    files = cli.run("exec", name, "--", "stat", "-c", "%n %a %u %g %F %s %h %N",
+                    *TMPFS_FILES, check=True).stdout
+    content = cli.run("exec", name, "--", "cat", "/tmp/d/f", "/dev/shm/seg", check=True)
+    mounts = []
+    for line in cli.run("exec", name, "--", "cat", "/proc/self/mountinfo",
+                        check=True).stdout.splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        if fields[4] in ("/dev", "/dev/shm", "/run", "/tmp", "/dev/pts", "/dev/console"):
+            mounts.append(" ".join([fields[4], fields[5], *fields[sep + 1:]]))
+    return files + content.stdout, sorted(mounts)
+
+
+def test_the_containers_own_tmpfs_mounts_come_back_as_they_were(cli):
+    """kamra, not CRIU's tar, carries /dev, /dev/shm, /run and /tmp: every kind of file
+    in them comes back with its mode, owner, links and contents, and the mounts with
+    their options; the mounts inside /dev are CRIU's and work again."""
+    name = unique()
+    cli.run("create", name, "--template", "busybox", check=True)
+    cli.run("start", name, check=True)
+    cli.run("exec", name, "--", "sh", "-c",
+            "mkdir -m 711 /tmp/d && echo data > /tmp/d/f && chmod 640 /tmp/d/f && "
+            "chown 1000:1001 /tmp/d /tmp/d/f && ln /tmp/d/f /tmp/d/hard && "
+            "ln -s ../d/f /tmp/d/link && mkfifo -m 600 /tmp/d/fifo && "
+            "echo shared > /dev/shm/seg && mkdir -p /run/app && mknod -m 604 /dev/extra c 1 3",
+            check=True)
+    before = _tmpfs_view(cli, name)
+    cli.run("checkpoint", name, check=True)
+    images = os.listdir(os.path.join(cli.root, "containers", name, "checkpoint"))
+    assert {"kamra-dev.tar", "kamra-dev-shm.tar", "kamra-run.tar",
+            "kamra-tmp.tar"} <= set(images), images
+    assert not [i for i in images if i.startswith("tmpfs-")], images  # none by CRIU
+    cli.run("restore", name, check=True)
+    after = _tmpfs_view(cli, name)
+    assert after[0].splitlines() == before[0].splitlines()
+    assert after[1] == before[1]
+    # devpts, mounted by CRIU over the carried /dev, hands out terminals again.
+    out = cli.run("exec", name, "--", "sh", "-c", "script -qc tty /dev/null || "
+                  "ls /dev/pts", check=True).stdout
+    assert "ptmx" in out or "/dev/pts/" in out
+    assert not [d for d in os.listdir(os.path.join(cli.root, "run"))
+                if d.startswith("tmpfs-")]  # the staging mounts are gone
+
+
 def test_checkpoint_leave_running_and_refusals(cli):
     name = unique()
     cli.run("create", name, "--template", "busybox", check=True)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from kamra import scratch
 from kamra.atomic import write_file
+from kamra.checkpoint import tmpfs
 from kamra.checkpoint.criu import Criu, CriuError
 from kamra.engine.revert import Revert
 from kamra.errors import Conflict, InvalidInput, KamraError, NotFound
@@ -269,13 +270,15 @@ class Checkpoints:
         record.state = "checkpointing"
         host.store.update(record)
         lxcfs = lxcfs_mounts(record.init_pid)
+        carried = tmpfs.own_mounts(record.init_pid)
         output = _output_pipe(record.init_pid)
         opts: dict[str, Any] = {
             "pid": record.init_pid, "log_file": "dump.log", "log_level": 4,
             "leave_running": leave_running, "tcp_established": True,
             "tcp_skip_in_flight": True, "file_locks": True, "link_remap": True,
             "orphan_pts_master": True, "network_lock": NFTABLES,
-            "external": [f"mnt[{path}]:lx{os.path.basename(path)}" for path in lxcfs],
+            "external": [*(f"mnt[{path}]:lx{os.path.basename(path)}" for path in lxcfs),
+                         *tmpfs.externals(carried)],
             # Mounted by systemd at /dev/hugepages; empty (no container uses huge pages
             # unasked), so mounting it anew on restore is all CRIU needs to do.
             "enable_fs": ["hugetlbfs"],
@@ -305,6 +308,8 @@ class Checkpoints:
         def notify(script: str, pid: int, fds: list[int]) -> None:
             for fd in fds:
                 os.close(fd)
+            if script == "post-dump":
+                meta["tmpfs"] = tmpfs.save(record.init_pid, carried, work)
             if script == "post-dump" and post_dump is not None:
                 write_file(os.path.join(work, META), json.dumps(meta))
                 post_dump(work, meta)
@@ -467,6 +472,21 @@ class Checkpoints:
             opts["empty_ns"] = libc.CLONE_NEWNET
         if lazy:
             opts["lazy_pages"] = True
+        staging = os.path.join(host.layout.run, f"tmpfs-{name}-{os.urandom(3).hex()}")
+        try:
+            opts["external"] += tmpfs.stage(meta.get("tmpfs", []), directory, staging)
+            forward = ((["post-setup-namespaces"] if networked else [])
+                       + (["post-restore"] if before_resume else []))
+            return self._restore_with(record, directory, opts, meta, before_resume,
+                                      standby, forward)
+        finally:
+            tmpfs.unstage(staging)
+
+    def _restore_with(self, record: ContainerRecord, directory: str, opts: dict[str, Any],
+                      meta: dict, before_resume: Callable[[ContainerRecord], None] | None,
+                      standby: str | None, forward: list[str]) -> dict:
+        host = self.host
+        name = record.name
         images = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             sock = host.keeper.session({
@@ -475,8 +495,7 @@ class Checkpoints:
                 "cgroup_procs": [] if standby else host.cgroups.procs_files(name),
                 "console_log": os.path.join(host.layout.container_dir(name), "console.log"),
                 "log_path": os.path.join(directory, "restore.log"),
-                "forward": ((["post-setup-namespaces"] if networked else [])
-                            + (["post-restore"] if before_resume else [])),
+                "forward": forward,
                 "output_key": meta.get("output"),
             }, [images])
         finally:

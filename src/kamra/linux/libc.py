@@ -16,6 +16,7 @@ import struct
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 # Namespace flags (linux/sched.h).
+CLONE_FS = 0x00000200
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -60,6 +61,8 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 _SYS_PIVOT_ROOT = 155
 _SYS_CLOSE_RANGE = 436
+_SYS_OPEN_TREE = 428
+OPEN_TREE_CLONE = 1
 
 # tty ioctls.
 TIOCSCTTY = 0x540E
@@ -98,6 +101,14 @@ def mount(source: str | None, target: str, fstype: str | None = None, flags: int
 
 def umount(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(_b(target), flags), f"umount {target}", target)
+
+
+def open_tree_clone(path: str) -> int:
+    """A file descriptor of a detached copy of the mount at ``path`` alone, without
+    what is mounted beneath it (so its own files hidden under those mounts show)."""
+    fd = _libc.syscall(_SYS_OPEN_TREE, -100, _b(path), OPEN_TREE_CLONE | os.O_CLOEXEC)
+    _check(fd, f"open_tree {path}", path)
+    return fd
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
