@@ -1069,6 +1069,7 @@ class Migrations:
         if saved.get("plan"):
             host.resources.plans.get(saved["plan"])
         self._check_satisfiable(saved)
+        host.network.warm()
         return {"ok": True, "need_template": need_template}
 
     def _check_satisfiable(self, saved: dict) -> None:

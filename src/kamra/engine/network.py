@@ -255,6 +255,15 @@ class Networking:
             raise
         return ns_fd
 
+    def warm(self) -> None:
+        """A container is about to arrive by live migration: what wiring the first one
+        costs (importing the netlink library, some 130 ms here, and making kamra's
+        firewall table) is paid now rather than while its tasks are frozen."""
+        from kamra.network import link, netns, tc  # noqa: F401 - imported to be ready
+
+        if not self._closed:
+            self.firewall  # noqa: B018 - made on first use
+
     def _take_netns(self) -> int:
         from kamra.network import netns
 
