@@ -38,6 +38,7 @@ from kamra import scratch
 from kamra.atomic import write_file
 from kamra.checkpoint import tmpfs
 from kamra.checkpoint.criu import Criu, CriuError
+from kamra.checkpoint.netlock import RestoreLock
 from kamra.engine.revert import Revert
 from kamra.errors import Conflict, InvalidInput, KamraError, NotFound
 from kamra.linux import fdpass, libc, proc
@@ -52,7 +53,7 @@ log = logging.getLogger("kamra.checkpoint")
 
 CHECKPOINT = "checkpoint"
 META = "checkpoint.json"
-NFTABLES = 2  # criu_network_lock_method
+NFTABLES, SKIP = 2, 3  # criu_network_lock_method
 CG_IGNORE = 0  # criu_cg_mode
 
 
@@ -470,12 +471,13 @@ class Checkpoints:
         }
         if networked:
             opts["empty_ns"] = libc.CLONE_NEWNET
+            opts["network_lock"] = SKIP  # kamra's own, lifted faster (kamra.checkpoint.netlock)
         if lazy:
             opts["lazy_pages"] = True
         staging = os.path.join(host.layout.run, f"tmpfs-{name}-{os.urandom(3).hex()}")
         try:
             opts["external"] += tmpfs.stage(meta.get("tmpfs", []), directory, staging)
-            forward = ((["post-setup-namespaces"] if networked else [])
+            forward = ((["post-setup-namespaces", "network-unlock"] if networked else [])
                        + (["post-restore"] if before_resume else []))
             return self._restore_with(record, directory, opts, meta, before_resume,
                                       standby, forward)
@@ -500,26 +502,46 @@ class Checkpoints:
             }, [images])
         finally:
             os.close(images)
+        locks: list[RestoreLock] = []
         with sock:
-            while True:
-                message, fds = fdpass.recv(sock)
-                for fd in fds:
-                    os.close(fd)
-                if message is None:
-                    raise KamraError("the restore helper ended without an answer; see "
-                                     f"{directory}/restore.log")
-                if "notify" not in message:
-                    break
-                fdpass.send(sock, self._on_notify(record, message, before_resume))
+            try:
+                message = self._converse(sock, record, directory, before_resume, locks)
+            finally:
+                for lock in locks:
+                    lock.close()
         if "error" in message:
             raise KamraError(f"{message['error']} (CRIU's log: "
                              f"{message.get('log') or directory + '/restore.log'})")
         return message
 
+    def _converse(self, sock: socket.socket, record: ContainerRecord, directory: str,
+                  before_resume: Callable[[ContainerRecord], None] | None,
+                  locks: list[RestoreLock]) -> dict:
+        """Answer CRIU's notifications until the restore helper's result comes."""
+        while True:
+            message, fds = fdpass.recv(sock)
+            for fd in fds:
+                os.close(fd)
+            if message is None:
+                raise KamraError("the restore helper ended without an answer; see "
+                                 f"{directory}/restore.log")
+            if "notify" not in message:
+                return message
+            fdpass.send(sock, self._on_notify(record, message, before_resume, locks))
+
     def _on_notify(self, record: ContainerRecord, message: dict,
-                   before_resume: Callable[[ContainerRecord], None] | None) -> dict:
-        """post-setup-namespaces: CRIU made the container's (empty, locked) network
-        namespace: wire it. post-restore: everything is restored but not yet running."""
+                   before_resume: Callable[[ContainerRecord], None] | None,
+                   locks: list[RestoreLock]) -> dict:
+        """post-setup-namespaces: CRIU made the container's (empty) network namespace:
+        lock it (``locks``) and wire it. post-restore: everything is restored but not yet
+        running. network-unlock: the sockets are restored, let traffic through."""
+        if message["notify"] == "network-unlock":
+            while locks:
+                try:
+                    locks.pop().release()
+                except KamraError as exc:
+                    return {"error": exc.message}
+            return {"ok": True}
         if message["notify"] == "post-restore" and before_resume is not None:
             try:
                 before_resume(record)
@@ -536,6 +558,7 @@ class Checkpoints:
         except OSError as exc:
             return {"error": f"open the restored network namespace: {exc.strerror}"}
         try:
+            locks.append(RestoreLock(ns_fd))
             self.host.network.prepare(record, ns_fd)
         except KamraError as exc:
             return {"error": f"set up the network: {exc.message}"}
