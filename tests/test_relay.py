@@ -15,13 +15,14 @@ import pytest
 
 from kamra.checkpoint import page_protocol as pp
 from kamra.remote import tls
-from kamra.remote.relay import Relayed, relay, socket_pair
+from kamra.remote.relay import BufferPool, Relayed, relay, socket_pair
 
 
 class Pair:
     """Two relays joined by TLS: ``a`` and ``b`` are the local ends CRIU would hold."""
 
-    def __init__(self, chunk: int, tap_a: bool = False):
+    def __init__(self, chunk: int, tap_a: bool = False, pool: BufferPool | None = None):
+        self.pool = pool
         self.dir = tempfile.TemporaryDirectory()
         cert, key = tls.ensure_certificate(self.dir.name)
         context = tls.server_context(cert, key)
@@ -51,7 +52,8 @@ class Pair:
 
     def _run(self, side: str, remote, ours, chunk: int, tap) -> None:
         try:
-            self.results[side] = relay(remote, ours, chunk=chunk, tap=tap)
+            self.results[side] = relay(remote, ours, chunk=chunk, tap=tap,
+                                       pool=self.pool if side == "a" else None)
         finally:
             ours.close()
             remote.close()
@@ -172,5 +174,39 @@ def test_a_tapped_relay_cuts_a_stream_it_does_not_understand():
         for thread in pair.threads:
             thread.join(10)
         assert pair.results["a"].cut
+    finally:
+        pair.close()
+
+
+def test_a_tapped_relay_reads_into_its_pool_and_gives_every_chunk_back():
+    """The dump's pages go through reused chunks made before the freeze; 48 MB through a
+    pool warmed with 4 MB arrive intact, and every chunk is back in the pool at the end."""
+    pool = BufferPool()
+    pool.warm(4 << 20)
+    assert (pool.made, pool.idle()) == (4, 4)
+    pair = Pair(1 << 20, tap_a=True, pool=pool)
+    try:
+        pair.a.settimeout(30)
+        pair.b.settimeout(30)
+        pages = os.urandom(12288 * pp.PAGE_SIZE)
+        sent = (header(pp.PS_IOV_OPEN2, dst=1) + header(ADD_PRESENT, 12288, 0x10000, 1)
+                + pages + header(pp.PS_IOV_FORCE_CLOSE))
+        writer = threading.Thread(target=pair.a.sendall, args=(sent,))
+        writer.start()
+        assert pair.a.recv(1) == pp.NO_PARENT
+        received = hashlib.sha256()
+        size = 0
+        while size < len(sent):
+            data = pair.b.recv(1 << 20)
+            assert data
+            received.update(data)
+            size += len(data)
+        writer.join(30)
+        assert received.digest() == hashlib.sha256(sent).digest()
+        pair.b.sendall(b"\x00" + b"\x00\x00\x00\x00")
+        assert pair.a.recv(16) == b"\x00\x00\x00\x00"
+        pair.a.close()
+        pair.threads[0].join(10)
+        assert pool.idle() == pool.made  # every chunk came back
     finally:
         pair.close()

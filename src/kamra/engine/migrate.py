@@ -56,7 +56,7 @@ from kamra.engine.checkpoint import DumpFailed, criu_binary, release_network_loc
 from kamra.errors import AlreadyExists, Conflict, InvalidInput, KamraError
 from kamra.linux import proc
 from kamra.remote import tls, wire
-from kamra.remote.relay import AHEAD, Relayed, relay, socket_pair
+from kamra.remote.relay import AHEAD, BufferPool, Relayed, relay, socket_pair
 from kamra.remote.resumable import Stream
 from kamra.remote.store import RemoteStore, parse_address
 from kamra.templates.model import Progress, emit
@@ -369,6 +369,8 @@ class Migrations:
 
         self._precopy(trip, record)
         pages = self._open_pages(trip, name)
+        pool = BufferPool()
+        pool.warm(self._memory_of(record) + (8 << 20))  # (what the page stream adds)
         reported = [0]
 
         def on_pages(sent: int) -> None:  # every few MB: the tasks are frozen meanwhile
@@ -377,8 +379,8 @@ class Migrations:
                 emit(trip.progress, "pages", sent, message=name)
 
         failed, frozen, relayed = self._dump_carrying(
-            record, trip, pages, lambda local: relay(pages, local, on_pages, tap=AnswerAhead()),
-            post_dump)
+            record, trip, pages,
+            lambda local: relay(pages, local, on_pages, tap=AnswerAhead(), pool=pool), post_dump)
         if failed is not None:
             raise self._failed_before_commit(trip, name, failed, relayed)
         # Committed: the source's tasks are gone (CRIU killed them after post-dump).
@@ -400,6 +402,19 @@ class Migrations:
         self._confirm(trip, name)
         self._forget(record)
         return self._result(trip, outcome, relayed, frozen, marks)
+
+    def _memory_of(self, record: ContainerRecord) -> int:
+        """The container's anonymous and shared memory now: about what its dump sends."""
+        total = 0
+        for pid in self.host.cgroups.pids(record.name):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith(("RssAnon:", "RssShmem:")):
+                            total += int(line.split()[1]) * 1024
+            except (OSError, ValueError):
+                pass  # gone meanwhile
+        return total
 
     def _live_lazy(self, record: ContainerRecord, trip: _Trip) -> dict:
         """Post-copy: the target resumes the container before its memory arrived and
