@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import subprocess
 import tarfile
 
 import pytest
@@ -90,3 +91,34 @@ def test_a_hostile_tmpfs_archive_is_refused(tmp_path, staging, members):
 def test_an_unknown_mount_key_is_refused(tmp_path, staging):
     with pytest.raises(KamraError, match="unknown mount"):
         tmpfs.stage([_mount("../../etc")], str(tmp_path), staging)
+
+
+def test_save_takes_a_mounts_own_files_and_refuses_one_that_changed(tmp_path):
+    """A real mount namespace: the tar holds the tmpfs's files, those hidden under a
+    mount inside it too, and nothing of that mount; once the container mounts over it,
+    saving refuses (the dump then fails and the container runs on)."""
+    script = ("mount -t tmpfs -o size=1m,mode=1777 tmpfs /tmp && echo hi > /tmp/f && "
+              "mkdir /tmp/d && echo under > /tmp/d/under && "
+              "mount -t tmpfs tmpfs /tmp/d && echo over > /tmp/d/over && "
+              "echo ready && exec sleep 60")
+    # unshare(1) makes the new namespace's mounts private: nothing reaches the host.
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        carried = [c for c in tmpfs.own_mounts(proc.pid) if c.mountpoint == "/tmp"]
+        assert len(carried) == 1 and "size=1024k" in carried[0].options
+        images = str(tmp_path)
+        (saved,) = tmpfs.save(proc.pid, carried, images)
+        assert saved["key"] == "kamra-tmp"
+        with tarfile.open(os.path.join(images, "kamra-tmp.tar")) as tar:
+            names = {m.name.removeprefix("./") for m in tar.getmembers()}
+            assert tar.extractfile("./f").read() == b"hi\n"  # type: ignore[union-attr]
+        assert {"f", "d", "d/under"} <= names and "d/over" not in names
+        subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "mount", "-t", "tmpfs",
+                        "tmpfs", "/tmp"], check=True)
+        with pytest.raises(KamraError, match="changed during the checkpoint"):
+            tmpfs.save(proc.pid, carried, images)
+    finally:
+        proc.kill()
+        proc.wait()
