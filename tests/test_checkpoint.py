@@ -127,12 +127,17 @@ def _console_says(cli, name: str, command: str, marker: str) -> str:
     return out.decode(errors="replace")
 
 
-def test_cli_checkpoint_restore_with_the_templates_own_init(cli):
-    """busybox init with a shell on the console (its controlling terminal), a counter
-    in memory, a file in /tmp (tmpfs) and a deleted file still open."""
+def _started_busybox(cli) -> str:
     name = unique()
     cli.run("create", name, "--template", "busybox", check=True)
     cli.run("start", name, check=True)
+    return name
+
+
+def test_cli_checkpoint_restore_with_the_templates_own_init(cli):
+    """busybox init with a shell on the console (its controlling terminal), a counter
+    in memory, a file in /tmp (tmpfs) and a deleted file still open."""
+    name = _started_busybox(cli)
     cli.run("exec", name, "--", "sh", "-c",
             "echo kept > /tmp/note; "
             "setsid sh -c 'exec 3</tmp/note; rm /tmp/note; "
@@ -200,9 +205,7 @@ def test_the_containers_own_tmpfs_mounts_come_back_as_they_were(cli):
     """kamra, not CRIU's tar, carries /dev, /dev/shm, /run and /tmp: every kind of file
     in them comes back with its mode, owner, links and contents, and the mounts with
     their options; the mounts inside /dev are CRIU's and work again."""
-    name = unique()
-    cli.run("create", name, "--template", "busybox", check=True)
-    cli.run("start", name, check=True)
+    name = _started_busybox(cli)
     cli.run("exec", name, "--", "sh", "-c",
             "mkdir -m 711 /tmp/d && echo data > /tmp/d/f && chmod 640 /tmp/d/f && "
             "chown 1000:1001 /tmp/d /tmp/d/f && ln /tmp/d/f /tmp/d/hard && "
@@ -228,9 +231,7 @@ def test_the_containers_own_tmpfs_mounts_come_back_as_they_were(cli):
 
 
 def test_checkpoint_leave_running_and_refusals(cli):
-    name = unique()
-    cli.run("create", name, "--template", "busybox", check=True)
-    cli.run("start", name, check=True)
+    name = _started_busybox(cli)
     pid = cli.json("status", name)["init_pid"]
     result = cli.run("checkpoint", name, "--leave-running", check=True)
     assert "still running" in result.stdout
@@ -278,9 +279,7 @@ def start_nested_pid_namespace(cli, name: str) -> None:
 def test_a_failed_checkpoint_leaves_the_container_running(cli):
     """CRIU cannot dump a nested pid namespace: the dump fails, CRIU's reason is shown,
     and the container goes on as before (thawed, network unlocked)."""
-    name = unique()
-    cli.run("create", name, "--template", "busybox", check=True)
-    cli.run("start", name, check=True)
+    name = _started_busybox(cli)
     start_nested_pid_namespace(cli, name)
     failed = cli.run("checkpoint", name)
     assert failed.returncode != 0, failed.stdout
@@ -294,9 +293,7 @@ def test_a_failed_checkpoint_leaves_the_container_running(cli):
 
 
 def test_restore_after_kamrad_restarted(cli):
-    name = unique()
-    cli.run("create", name, "--template", "busybox", check=True)
-    cli.run("start", name, check=True)
+    name = _started_busybox(cli)
     cli.run("exec", name, "--", "sh", "-c", "echo 7 > /run/mark", check=True)
     cli.run("checkpoint", name, check=True)
     cli.run("daemon", "stop", check=True)

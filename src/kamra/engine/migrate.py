@@ -407,13 +407,9 @@ class Migrations:
         """The container's anonymous and shared memory now: about what its dump sends."""
         total = 0
         for pid in self.host.cgroups.pids(record.name):
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    for line in f:
-                        if line.startswith(("RssAnon:", "RssShmem:")):
-                            total += int(line.split()[1]) * 1024
-            except (OSError, ValueError):
-                pass  # gone meanwhile
+            fields = proc.status_fields(pid)  # (empty if it is gone meanwhile)
+            for key in ("RssAnon", "RssShmem"):
+                total += int(fields.get(key, "0 kB").split()[0]) * 1024
         return total
 
     def _live_lazy(self, record: ContainerRecord, trip: _Trip) -> dict:

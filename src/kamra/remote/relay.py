@@ -56,7 +56,6 @@ class BufferPool:
 
     def __init__(self, chunk: int = CHUNK):
         self.chunk = chunk
-        self.made = 0
         self._free: list[bytearray] = []
         self._lock = threading.Lock()
 
@@ -66,19 +65,12 @@ class BufferPool:
         made = [bytearray(self.chunk) for _ in range(wanted - len(self._free))]  # zeroed
         with self._lock:
             self._free.extend(made)
-            self.made += len(made)
 
     def take(self) -> bytearray:
         with self._lock:
             if self._free:
                 return self._free.pop()
-            self.made += 1
         return bytearray(self.chunk)
-
-    def idle(self) -> int:
-        """Chunks not handed out."""
-        with self._lock:
-            return len(self._free)
 
     def give(self, buffer: bytearray) -> None:
         with self._lock:
@@ -122,8 +114,8 @@ def relay(remote: ssl.SSLSocket, local: socket.socket,
     done = Relayed()
     remote_open = True
     inbox = memoryview(bytearray(chunk))
-    ahead = (_ReadAhead(local, tap, pool or BufferPool(chunk)) if tap is not None
-             else None)
+    pool = pool or BufferPool(chunk)
+    ahead = _ReadAhead(local, tap, pool) if tap is not None else None
     watched = ahead.wakeup if ahead is not None else local
 
     def cut() -> None:
@@ -172,7 +164,7 @@ def relay(remote: ssl.SSLSocket, local: socket.socket,
                             cut()
                 finally:
                     if buffer is not None:  # sent (TLS copied it) or dropped
-                        ahead.recycle(buffer)  # type: ignore[union-attr]
+                        pool.give(buffer)
     finally:
         remote.setblocking(True)
         if ahead is not None:
@@ -186,7 +178,7 @@ class _ReadAhead:
     """Reads a tapped local socket in a thread, as fast as it is written, into a queue
     of at most ``AHEAD`` bytes held in ``pool``'s chunks; ``wakeup`` becomes readable
     when there is something to ``take``: (data, chunk) pairs, each chunk to be given
-    back with ``recycle`` once its data went. Ends with b"" (the local side ended) after
+    back to the pool once its data went. Ends with b"" (the local side ended) after
     ``_BROKEN`` if the tap refused the stream (then what follows is read and dropped, so
     the writer never blocks)."""
 
@@ -252,9 +244,6 @@ class _ReadAhead:
             self._queued = 0
             self._room.notify()
         return taken
-
-    def recycle(self, buffer: bytearray) -> None:
-        self._pool.give(buffer)
 
     def close(self) -> None:
         with self._room:
